@@ -233,7 +233,7 @@ def ctranslate2_whisper_dims(variables: dict[str, np.ndarray]) -> ModelDimension
     spec = variables.get("__spec__")
     if spec is not None and str(spec) != "WhisperSpec":
         raise WhisperWeightsError(
-            f"CTranslate2 model has spec {str(spec)!r}, not 'WhisperSpec': it is not a Whisper model"
+            f"CTranslate2 model has spec {str(spec)!r}, not 'WhisperSpec': not a Whisper model"
         )
     conv1 = _require(variables, "encoder/conv1/weight")  # [n_audio_state, n_mels, 3]
     embeddings = _require(variables, "decoder/embeddings/weight")  # [n_vocab, n_text_state]
@@ -267,6 +267,7 @@ def _split_rows(tensor: torch.Tensor, parts: int, name: str) -> tuple[torch.Tens
             f"CTranslate2 variable {name} has {tensor.shape[0]} rows, not divisible into "
             f"{parts} fused projections"
         )
+    # clone: views would share the fused storage, and torch.save would write all of it per view
     return tuple(t.clone() for t in tensor.chunk(parts, dim=0))
 
 
@@ -327,7 +328,9 @@ def _map_block(
 ENCODER_POSITIONS_TOLERANCE = 2e-3
 
 
-def ctranslate2_to_whisper_state_dict(variables: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+def ctranslate2_to_whisper_state_dict(
+    variables: dict[str, np.ndarray],
+) -> dict[str, torch.Tensor]:
     """Map a parsed CTranslate2 WhisperSpec model to an openai-whisper state dict (fp32).
 
     The encoder's positional table is replaced by exact fp32 sinusoids (the stored one is a
@@ -452,7 +455,8 @@ def _key_mismatch(model: Whisper, state_dict: dict[str, torch.Tensor]) -> str:
         k for k in set(expected) & set(state_dict) if expected[k].shape != state_dict[k].shape
     )
     parts = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+    labelled = (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
+    for label, keys in labelled:
         if keys:
             parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
     return "; ".join(parts) or "values do not load"
@@ -491,8 +495,9 @@ def load_whisper_checkpoint(path: str | Path) -> Whisper:
     """Load an official openai-whisper checkpoint file (dims + model_state_dict), on CPU, fp32."""
     path = Path(path)
     if not path.is_file():
+        what = "is a folder without a model.bin" if path.is_dir() else "not found"
         raise WhisperWeightsError(
-            f"{path}: Whisper checkpoint not found (expected an openai-whisper .pt file)"
+            f"{path}: Whisper checkpoint {what} (expected an openai-whisper .pt file)"
         )
     checkpoint = _read_checkpoint(path)
     return _build_model(_dims_of(checkpoint, path), checkpoint["model_state_dict"], path)
@@ -517,7 +522,9 @@ def _source_fingerprint(model_bin: Path) -> dict[str, int | str]:
     }
 
 
-def convert_ctranslate2_model(model_bin: str | Path) -> tuple[ModelDimensions, dict[str, torch.Tensor]]:
+def convert_ctranslate2_model(
+    model_bin: str | Path,
+) -> tuple[ModelDimensions, dict[str, torch.Tensor]]:
     """Parse and map a CTranslate2 Whisper model.bin: (dims, openai-whisper state dict)."""
     model_bin = Path(model_bin)
     variables = read_ctranslate2_model(model_bin)
@@ -582,13 +589,13 @@ def _load_cached_conversion(cache: Path, source: dict) -> Whisper | None:
         return None
 
 
-def ensure_converted_tiny_en(model_bin: str | Path | None = None) -> tuple[Whisper, Path]:
+def ensure_converted_tiny_en() -> tuple[Whisper, Path]:
     """tiny.en from the bundled CTranslate2 model, converted on first use and cached after.
 
     Returns the model (CPU, fp32, not yet in eval mode) and the cache file. A cache that is
     unreadable, fails its checksum, or came from a different model.bin is rebuilt.
     """
-    model_bin = Path(model_bin) if model_bin is not None else bundled_tiny_en_model_bin()
+    model_bin = bundled_tiny_en_model_bin()
     if not model_bin.is_file():
         raise WhisperWeightsError(
             f"{model_bin}: the offline tiny.en model is missing; reinstall it "
@@ -614,7 +621,7 @@ def ensure_converted_tiny_en(model_bin: str | Path | None = None) -> tuple[Whisp
         log.info("converted %s to %s", model_bin, cache)
     except OSError as error:
         # A read-only cache costs a conversion per load, not a failure.
-        log.warning("cannot write Whisper cache %s (%s); using the conversion uncached", cache, error)
+        log.warning("cannot write Whisper cache %s (%s); using it uncached", cache, error)
     return model, cache
 
 
@@ -634,7 +641,9 @@ def _is_ctranslate2_path(path: Path) -> bool:
     return path.suffix == ".bin"
 
 
-def load_whisper(name_or_path: str | Path = BUNDLED_MODEL_NAME, device: str | torch.device = "cpu") -> Whisper:
+def load_whisper(
+    name_or_path: str | Path = BUNDLED_MODEL_NAME, device: str | torch.device = "cpu"
+) -> Whisper:
     """openai-whisper's Whisper model, eval mode, fp32, on `device`; never downloads.
 
     name_or_path: a checkpoint path (official `.pt`, or a CTranslate2 `model.bin` / its folder),

@@ -63,6 +63,7 @@ SENTENCE = (
 # A CTranslate2 writer, written here from the format description, independent of the reader
 # ---------------------------------------------------------------------------------------------
 
+PROJECTION_ALIAS = {"decoder/projection/weight": "decoder/embeddings/weight"}  # as CT2 writes it
 DTYPE_IDS = {np.dtype("<f4"): 0, np.dtype("i1"): 1, np.dtype("<i2"): 2, np.dtype("<i4"): 3,
              np.dtype("<f2"): 4}
 
@@ -229,7 +230,7 @@ def test_mapping_inverts_ctranslate2_layout(tmp_path, dtype):
     model = random_whisper(SMALL_DIMS)
     variables = whisper_to_ct2_variables(model, dtype)
     path = tmp_path / "model.bin"
-    path.write_bytes(ct2_bytes(variables, {"decoder/projection/weight": "decoder/embeddings/weight"}))
+    path.write_bytes(ct2_bytes(variables, PROJECTION_ALIAS))
 
     parsed = read_ctranslate2_model(path)
     assert ctranslate2_whisper_dims(parsed) == SMALL_DIMS
@@ -265,7 +266,7 @@ def test_mapping_names_a_missing_variable_and_rejects_quantized_weights(tmp_path
     quantized["encoder/conv2/weight"] = np.zeros(variables["encoder/conv2/weight"].shape, "i1")
     path = tmp_path / "model.bin"
     path.write_bytes(ct2_bytes(quantized))
-    with pytest.raises(WhisperWeightsError, match=r"(?s)model\.bin.*encoder/conv2/weight.*quantized"):
+    with pytest.raises(WhisperWeightsError, match=r"model\.bin.*encoder/conv2/weight.*quantized"):
         load_whisper(path)
 
 
@@ -275,9 +276,15 @@ def test_mapping_names_a_missing_variable_and_rejects_quantized_weights(tmp_path
 
 
 @pytest.fixture(scope="module")
-def small_ct2_file(tmp_path_factory) -> bytes:
-    return ct2_bytes(whisper_to_ct2_variables(random_whisper(SMALL_DIMS)),
-                     {"decoder/projection/weight": "decoder/embeddings/weight"})
+def small_ct2_variables() -> dict[str, np.ndarray]:
+    return whisper_to_ct2_variables(random_whisper(SMALL_DIMS))
+
+
+def first_dtype_offset(variables: dict[str, np.ndarray]) -> int:
+    """Byte offset of the first variable's dtype id: header, then its name, rank and dims."""
+    name, array = next(iter(variables.items()))
+    header = 4 + len(ct2_string("WhisperSpec")) + 4 + 4
+    return header + len(ct2_string(name)) + 1 + 4 * array.ndim
 
 
 @pytest.mark.parametrize("defect, message", [
@@ -288,28 +295,24 @@ def small_ct2_file(tmp_path_factory) -> bytes:
     ("alias", "alias .* points to nowhere/else"),
     ("byte_count", "declares"),
 ])
-def test_defective_model_bin_is_named(tmp_path, small_ct2_file, defect, message):
-    data = small_ct2_file
+def test_defective_model_bin_is_named(tmp_path, small_ct2_variables, defect, message):
+    data = ct2_bytes(small_ct2_variables, PROJECTION_ALIAS)
+    at = first_dtype_offset(small_ct2_variables)
     if defect == "truncated":
         data = data[: len(data) * 2 // 3]
     elif defect == "version":
         data = struct.pack("<I", 5) + data[4:]
     elif defect == "trailing":
         data = data + b"\0\0\0"
-    elif defect == "dtype":  # first variable's dtype byte follows its name, rank and dims
-        variables = whisper_to_ct2_variables(random_whisper(SMALL_DIMS))
-        first, array = next(iter(variables.items()))
-        at = 4 + len(ct2_string("WhisperSpec")) + 8 + len(ct2_string(first)) + 1 + 4 * array.ndim
+    elif defect == "dtype":
         data = data[:at] + bytes([9]) + data[at + 1:]
     elif defect == "alias":
         alias = ct2_string("decoder/projection/weight")
         data = data.replace(alias + ct2_string("decoder/embeddings/weight"),
                             alias + ct2_string("nowhere/else"))
-    elif defect == "byte_count":
-        variables = whisper_to_ct2_variables(random_whisper(SMALL_DIMS))
-        first, array = next(iter(variables.items()))
-        at = 4 + len(ct2_string("WhisperSpec")) + 8 + len(ct2_string(first)) + 1 + 4 * array.ndim + 1
-        data = data[:at] + struct.pack("<I", array.nbytes + 2) + data[at + 4:]
+    elif defect == "byte_count":  # the u32 after the dtype id
+        n_bytes = next(iter(small_ct2_variables.values())).nbytes
+        data = data[: at + 1] + struct.pack("<I", n_bytes + 2) + data[at + 5:]
     path = tmp_path / "model.bin"
     path.write_bytes(data)
     with pytest.raises(WhisperWeightsError, match=message) as error:
@@ -352,12 +355,12 @@ def test_garbage_truncated_and_wrong_torch_files_are_named(tmp_path):
     torch.save({"dims": asdict(SMALL_DIMS), "model_state_dict": model.state_dict()}, good)
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(WhisperWeightsError, match=r"truncated\.pt.*not a readable torch checkpoint"):
+    with pytest.raises(WhisperWeightsError, match=r"truncated\.pt.*not a readable torch"):
         load_whisper(truncated)
 
     bare = tmp_path / "bare_state_dict.pt"
     torch.save(model.state_dict(), bare)
-    with pytest.raises(WhisperWeightsError, match=r"bare_state_dict\.pt.*'dims' and 'model_state_dict'"):
+    with pytest.raises(WhisperWeightsError, match=r"bare_state_dict\.pt.*'dims' and"):
         load_whisper(bare)
 
     state = model.state_dict()
@@ -444,7 +447,8 @@ def test_converted_tiny_en_is_an_openai_whisper_checkpoint(converted):
     model, cache = converted
     assert cache.is_file() and model.dims == TINY_EN_DIMS
     assert not model.training and next(model.parameters()).dtype == torch.float32
-    torch.testing.assert_close(model.encoder.positional_embedding, sinusoids(1500, 384), rtol=0, atol=0)
+    exact = sinusoids(TINY_EN_DIMS.n_audio_ctx, TINY_EN_DIMS.n_audio_state)
+    torch.testing.assert_close(model.encoder.positional_embedding, exact, rtol=0, atol=0)
     # The cache is a plain openai-whisper checkpoint: openai-whisper's own loader reads it.
     official = whisper.load_model(str(cache), device="cpu")
     assert_same_weights(official, model)
@@ -488,7 +492,8 @@ def test_corrupt_cache_is_detected_and_rebuilt(converted, damage):
 @pytest.mark.slow
 def test_killed_conversion_leaves_no_corrupt_cache(tmp_path):
     """SIGKILL a converting process once its temp file appears: the cache is absent or whole."""
-    env = {**os.environ, "REALTIME_AVATAR_CACHE": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    env = {**os.environ, "REALTIME_AVATAR_CACHE": str(tmp_path),
+           "XDG_CACHE_HOME": str(tmp_path / "xdg")}
     cache_dir = tmp_path / "whisper"
     process = subprocess.Popen(
         [sys.executable, "-c",
