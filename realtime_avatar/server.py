@@ -1,0 +1,685 @@
+"""WebRTC front door: an aiohttp app that answers SDP offers and streams one avatar per peer.
+
+Each peer gets its own AvatarSession (made by the injected `session_factory`): the peer's
+microphone track is relayed frame by frame into `session.push_audio`, and the session's paced
+video and delayed audio tracks are sent back. Signalling is either the page's JSON
+`POST /offer` or WHIP (RFC 9725: `POST /whip` with application/sdp, `DELETE /whip/<id>`).
+
+aiortc 1.16 has no trickle ICE, so every answer is sent once ICE gathering is complete.
+
+Lifetime: a peer is torn down exactly once, by whichever comes first of ICE/DTLS failure or
+close, its audio track ending, no audio for `media_timeout_s` (aioice's consent check would
+take 30 s to notice a vanished client), DELETE, or server shutdown. Teardown cancels the
+relay task, closes the peer connection, awaits `session.close()` and drops the registry entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Awaitable, Callable, Protocol
+
+import aioice.ice
+import av
+import numpy as np
+from aiohttp import web
+from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+from aiortc.sdp import SessionDescription
+
+log = logging.getLogger(__name__)
+
+WEB_ROOT = Path(__file__).parent / "web"
+LOOPBACK_V4 = "127.0.0.1"
+DEFAULT_MAX_SESSIONS = 4
+DEFAULT_MEDIA_TIMEOUT_S = 3.0  # no audio from a connected peer this long: it is gone
+DEFAULT_CONNECT_TIMEOUT_S = 15.0  # answered, but no first audio frame this long: never came
+NEGOTIATION_TIMEOUT_S = 10.0  # offer -> answer, ICE gathering included (host candidates only)
+MAX_SDP_BYTES = 64 * 1024  # a real offer is 2-8 kB; anything far larger is not an offer
+SEND_DIRECTIONS = ("sendrecv", "sendonly")  # offer directions in which the peer sends audio
+
+
+class AvatarSessionLike(Protocol):
+    """What the server needs of realtime_avatar.session.AvatarSession (duck-typed)."""
+
+    video_track: MediaStreamTrack
+    audio_track: MediaStreamTrack
+
+    async def start(self) -> None: ...
+
+    def push_audio(self, frame: av.AudioFrame) -> None: ...
+
+    def end_of_input(self) -> None: ...
+
+    def interrupt(self) -> None: ...
+
+    def stats(self) -> dict: ...
+
+    async def close(self) -> None: ...
+
+
+SessionFactory = Callable[[], Awaitable[AvatarSessionLike]]
+
+
+class OfferError(Exception):
+    """An offer the server refuses; `status` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# --- ICE host candidates -------------------------------------------------------------------
+
+_aioice_host_addresses = aioice.ice.get_host_addresses
+
+
+def _host_addresses_with_loopback(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+    addresses = _aioice_host_addresses(use_ipv4=use_ipv4, use_ipv6=use_ipv6)
+    if use_ipv4 and LOOPBACK_V4 not in addresses:
+        addresses.append(LOOPBACK_V4)
+    return addresses
+
+
+def include_loopback_candidates() -> None:
+    """Make aioice offer a 127.0.0.1 host candidate as well as the machine's other addresses.
+
+    aioice drops 127.0.0.1 from its host addresses and has no option to keep it, so on a
+    loopback-only host (a container, CI) an aiortc answer carries no candidate at all and no
+    peer can connect. aioice looks `get_host_addresses` up in its module at gathering time;
+    this swaps in a wrapper that appends 127.0.0.1. Idempotent, process-wide (it also serves
+    aiortc clients in the same process). A remote browser ignores a loopback candidate (Chrome
+    uses one only with --allow-loopback-in-peer-connection), so this costs one unused socket.
+    """
+    aioice.ice.get_host_addresses = _host_addresses_with_loopback
+
+
+# --- pure helpers (tested apart from the network) -------------------------------------------
+
+
+def check_offer_sdp(sdp: str) -> SessionDescription:
+    """Parse an SDP offer and check it can drive an avatar; raise OfferError(400) if not.
+
+    The peer must send audio (an audio m-line that is sendrecv or sendonly): that is the
+    avatar's only input. Video is optional in the offer (a peer that offers no video m-line
+    just gets the audio back).
+    """
+    if not sdp or not sdp.strip():
+        raise OfferError(400, "empty SDP offer: send the offer from RTCPeerConnection.createOffer()")
+    if len(sdp) > MAX_SDP_BYTES:
+        raise OfferError(400, f"SDP offer is {len(sdp)} bytes; more than {MAX_SDP_BYTES} is not an offer")
+    if not sdp.lstrip().startswith("v=0"):
+        raise OfferError(400, "malformed SDP offer: it must start with 'v=0'")
+    try:
+        description = SessionDescription.parse(sdp)
+    except Exception as exc:  # aiortc's parser raises ValueError, IndexError, KeyError, ...
+        raise OfferError(400, f"malformed SDP offer ({type(exc).__name__}: {exc})") from exc
+    audio = [m for m in description.media if m.kind == "audio"]
+    if not audio:
+        raise OfferError(
+            400,
+            "the offer has no audio m-line: add the microphone track (or an audio transceiver "
+            "with direction 'sendrecv') before createOffer()",
+        )
+    if not any(m.direction in SEND_DIRECTIONS for m in audio):
+        raise OfferError(
+            400,
+            f"the offer's audio is {audio[0].direction!r}: the avatar needs the peer to send "
+            "audio ('sendrecv' or 'sendonly')",
+        )
+    return description
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, or None."""
+    if not authorization:
+        return None
+    scheme, _, value = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()
+
+
+def token_matches(expected: str | None, given: str | None) -> bool:
+    if expected is None:
+        return True
+    return given is not None and hmac.compare_digest(expected.encode(), given.encode())
+
+
+@dataclass
+class AudioInStats:
+    """What the server has heard from one peer's microphone track."""
+
+    frames: int = 0
+    samples: int = 0  # per channel
+    sample_rate: int = 0  # of the last frame (48000 for Opus, 8000 for PCMU/PCMA, ...)
+    peak: float = 0.0  # largest |sample| so far, as a fraction of full scale
+    last_rms: float = 0.0  # of the last frame, fraction of full scale
+    last_frame_at: float | None = None  # time.monotonic() of the last frame
+
+    def update(self, frame: av.AudioFrame) -> None:
+        self.frames += 1
+        self.samples += frame.samples
+        self.sample_rate = frame.sample_rate
+        self.last_frame_at = time.monotonic()
+        samples = frame.to_ndarray()
+        if samples.size and samples.dtype == np.int16:
+            scaled = samples.astype(np.float32) / 32768.0
+        elif samples.size:
+            scaled = samples.astype(np.float32)  # float formats are already in [-1, 1]
+        else:
+            return
+        self.peak = max(self.peak, float(np.abs(scaled).max()))
+        self.last_rms = float(np.sqrt(np.mean(scaled * scaled)))
+
+    @property
+    def seconds(self) -> float:
+        return self.samples / self.sample_rate if self.sample_rate else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "frames": self.frames,
+            "seconds": round(self.seconds, 3),
+            "sample_rate": self.sample_rate,
+            "peak": round(self.peak, 5),
+            "last_rms": round(self.last_rms, 5),
+        }
+
+
+@dataclass
+class MetricsSnapshot:
+    """Numbers for one /metrics scrape; `per_session` maps session id -> session.stats()."""
+
+    sessions_active: int
+    sessions_total: int
+    sessions_rejected: dict[str, int]
+    frames_sent_closed: int  # frames sent by sessions already closed (counters never go down)
+    late_frames_closed: int
+    per_session: dict[str, dict] = field(default_factory=dict)
+
+
+_METRIC_PREFIX = "realtime_avatar"
+
+
+def render_metrics(snapshot: MetricsSnapshot) -> str:
+    """Prometheus text exposition (version 0.0.4) of a MetricsSnapshot."""
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+        full = f"{_METRIC_PREFIX}_{name}"
+        lines.append(f"# HELP {full} {help_text}")
+        lines.append(f"# TYPE {full} {kind}")
+        for labels, value in samples:
+            lines.append(f"{full}{labels} {float(value):.6g}")
+
+    def stat(stats: dict, key: str) -> float:
+        value = stats.get(key)
+        return float(value) if isinstance(value, (int, float, np.number)) else 0.0
+
+    per = snapshot.per_session
+    metric("sessions_active", "gauge", "Avatar sessions streaming now.",
+           [("", snapshot.sessions_active)])
+    metric("sessions_total", "counter", "Avatar sessions started since the server started.",
+           [("", snapshot.sessions_total)])
+    metric("sessions_rejected_total", "counter", "Offers refused, by reason.",
+           [(f'{{reason="{reason}"}}', n) for reason, n in sorted(snapshot.sessions_rejected.items())])
+    metric("frames_sent_total", "counter", "Video frames sent, all sessions.",
+           [("", snapshot.frames_sent_closed + sum(stat(s, "frames_sent") for s in per.values()))])
+    metric("late_frames_total", "counter", "Video frames sent after their due time, all sessions.",
+           [("", snapshot.late_frames_closed + sum(stat(s, "late_frames") for s in per.values()))])
+    metric("fps", "gauge", "Video frames per second sent, per session.",
+           [(f'{{session="{sid}"}}', stat(s, "fps")) for sid, s in sorted(per.items())])
+    metric("latency_ms", "gauge", "Audio-in to frame-out latency estimate, per session.",
+           [(f'{{session="{sid}"}}', stat(s, "latency_ms")) for sid, s in sorted(per.items())])
+    metric("av_offset_ms", "gauge", "Video minus audio presentation offset, per session.",
+           [(f'{{session="{sid}"}}', stat(s, "av_offset_ms")) for sid, s in sorted(per.items())])
+    return "\n".join(lines) + "\n"
+
+
+def _json_default(value: object) -> object:
+    # session.stats() may hold numpy scalars; JSON has only plain numbers
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def json_response(data: dict, status: int = 200, headers: dict | None = None) -> web.Response:
+    return web.Response(
+        text=json.dumps(data, default=_json_default),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return json_response({"error": message}, status=status)
+
+
+# --- one peer -------------------------------------------------------------------------------
+
+
+class PeerSession:
+    """One RTCPeerConnection, its AvatarSession and the tasks that feed it; closes once."""
+
+    def __init__(
+        self,
+        session_id: str,
+        pc: RTCPeerConnection,
+        session: AvatarSessionLike,
+        *,
+        media_timeout_s: float,
+        connect_timeout_s: float,
+        on_closed: Callable[["PeerSession"], None],
+    ):
+        self.id = session_id
+        self.pc = pc
+        self.session = session
+        self.audio_in = AudioInStats()
+        self.created_at = time.monotonic()
+        self.close_reason: str | None = None
+        self._media_timeout_s = media_timeout_s
+        self._connect_timeout_s = connect_timeout_s
+        self._on_closed = on_closed
+        self._tasks: set[asyncio.Task] = set()  # relay and drain tasks, owned here
+        self._relay_started = False
+        self._close_task: asyncio.Task | None = None
+
+        pc.on("track", self._on_track)
+        pc.on("connectionstatechange", self._on_connection_state)
+
+    @property
+    def closing(self) -> bool:
+        return self._close_task is not None
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        if track.kind == "audio" and not self._relay_started:
+            self._relay_started = True
+            self._own(self._relay_audio(track), on_exit_close=True)
+        else:
+            # Frames nobody reads pile up in aiortc's unbounded track queue: drain them.
+            self._own(self._drain(track), on_exit_close=False)
+
+    def _on_connection_state(self) -> None:
+        if self.pc.connectionState in ("failed", "closed"):
+            self.schedule_close(f"connection {self.pc.connectionState}")
+
+    def _own(self, coro: Awaitable[str], *, on_exit_close: bool) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task) -> None:
+            self._tasks.discard(t)
+            if on_exit_close and not t.cancelled():
+                error = t.exception()
+                reason = f"audio relay failed: {error!r}" if error else t.result()
+                if error:
+                    log.error("session %s: %s", self.id, reason)
+                self.schedule_close(reason)
+
+        task.add_done_callback(done)
+
+    async def _relay_audio(self, track: MediaStreamTrack) -> str:
+        """Feed the peer's audio into the session until the track ends or goes quiet."""
+        timeout = self._connect_timeout_s  # until the first frame: ICE + DTLS still to do
+        while True:
+            try:
+                frame = await asyncio.wait_for(track.recv(), timeout)
+            except asyncio.TimeoutError:
+                if self.audio_in.frames == 0:
+                    return f"no audio within {timeout:g} s of the answer (ICE never connected?)"
+                return f"no audio for {timeout:g} s (peer vanished)"
+            except MediaStreamError:
+                self.session.end_of_input()
+                return "audio track ended"
+            timeout = self._media_timeout_s
+            self.audio_in.update(frame)
+            self.session.push_audio(frame)
+
+    @staticmethod
+    async def _drain(track: MediaStreamTrack) -> str:
+        try:
+            while True:
+                await track.recv()
+        except MediaStreamError:
+            return "drained"
+
+    def schedule_close(self, reason: str) -> asyncio.Task:
+        """Start teardown (once) from a callback; returns the task that does it."""
+        if self._close_task is None:
+            self._close_task = asyncio.ensure_future(self._close(reason))
+        return self._close_task
+
+    async def close(self, reason: str) -> None:
+        await asyncio.shield(self.schedule_close(reason))
+
+    async def _close(self, reason: str) -> None:
+        self.close_reason = reason
+        log.info("session %s closing: %s", self.id, reason)
+        current = asyncio.current_task()
+        tasks = [t for t in self._tasks if t is not current]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        # Each step runs even if one before it failed: a half-closed peer is a leak.
+        try:
+            await self.pc.close()
+        except Exception:
+            log.exception("session %s: closing the peer connection failed", self.id)
+        try:
+            await self.session.close()
+        except Exception:
+            log.exception("session %s: closing the avatar session failed", self.id)
+        self._on_closed(self)
+
+    def stats(self) -> dict:
+        return {
+            "id": self.id,
+            "connection_state": self.pc.connectionState,
+            "ice_connection_state": self.pc.iceConnectionState,
+            "uptime_s": round(time.monotonic() - self.created_at, 3),
+            "audio_in": self.audio_in.as_dict(),
+            "session": self.session.stats(),
+        }
+
+
+# --- the server -----------------------------------------------------------------------------
+
+
+class AvatarServer:
+    """The registry of peers and the HTTP handlers; one per aiohttp app."""
+
+    def __init__(
+        self,
+        session_factory: SessionFactory,
+        *,
+        max_sessions: int,
+        token: str | None,
+        media_timeout_s: float,
+        connect_timeout_s: float,
+    ):
+        if max_sessions < 1:
+            raise ValueError(f"max_sessions must be at least 1, got {max_sessions}")
+        self.session_factory = session_factory
+        self.max_sessions = max_sessions
+        self.token = token
+        self.media_timeout_s = media_timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.peers: dict[str, PeerSession] = {}
+        self.sessions_total = 0
+        self.rejected: dict[str, int] = {}
+        self._negotiating = 0  # slots held by offers still being answered
+        self._frames_sent_closed = 0
+        self._late_frames_closed = 0
+
+    # registry
+
+    def _reject(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    def _on_peer_closed(self, peer: PeerSession) -> None:
+        if self.peers.pop(peer.id, None) is None:
+            return
+        try:
+            final = peer.session.stats()
+            self._frames_sent_closed += int(final.get("frames_sent", 0))
+            self._late_frames_closed += int(final.get("late_frames", 0))
+        except Exception:
+            log.exception("session %s: stats() failed after close", peer.id)
+
+    async def negotiate(self, offer_sdp: str) -> tuple[PeerSession, str]:
+        """Answer an SDP offer with a new peer; returns (peer, answer SDP). Raises OfferError."""
+        check_offer_sdp(offer_sdp)
+        if len(self.peers) + self._negotiating >= self.max_sessions:
+            self._reject("capacity")
+            raise OfferError(
+                503,
+                f"server is at capacity ({self.max_sessions} sessions): try again later or "
+                "start it with a larger max_sessions",
+            )
+        self._negotiating += 1
+        try:
+            return await asyncio.wait_for(self._answer(offer_sdp), NEGOTIATION_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            self._reject("timeout")
+            raise OfferError(504, f"no answer within {NEGOTIATION_TIMEOUT_S:g} s") from None
+        finally:
+            self._negotiating -= 1
+
+    async def _answer(self, offer_sdp: str) -> tuple[PeerSession, str]:
+        try:
+            session = await self.session_factory()
+        except Exception as exc:
+            log.exception("session_factory failed")
+            raise OfferError(500, f"could not create an avatar session: {exc!r}") from exc
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # no STUN: host candidates only
+        peer = PeerSession(
+            uuid.uuid4().hex,
+            pc,
+            session,
+            media_timeout_s=self.media_timeout_s,
+            connect_timeout_s=self.connect_timeout_s,
+            on_closed=self._on_peer_closed,
+        )
+        try:
+            await session.start()
+            try:
+                await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+            except Exception as exc:
+                raise OfferError(400, f"offer rejected by the peer connection: {exc}") from exc
+            # addTrack reuses the offer's transceivers: audio becomes sendrecv, video sendonly.
+            pc.addTrack(session.audio_track)
+            pc.addTrack(session.video_track)
+            await pc.setLocalDescription(await pc.createAnswer())  # gathers ICE to completion
+        except BaseException:
+            await peer.close("negotiation failed")
+            raise
+        self.peers[peer.id] = peer
+        self.sessions_total += 1
+        log.info("session %s started (%d active)", peer.id, len(self.peers))
+        return peer, pc.localDescription.sdp
+
+    async def close_all(self, reason: str = "server shutdown") -> None:
+        await asyncio.gather(*(peer.close(reason) for peer in list(self.peers.values())))
+
+    def metrics(self) -> MetricsSnapshot:
+        per_session = {}
+        for sid, peer in self.peers.items():
+            try:
+                per_session[sid] = peer.session.stats()
+            except Exception:
+                log.exception("session %s: stats() failed", sid)
+        return MetricsSnapshot(
+            sessions_active=len(self.peers),
+            sessions_total=self.sessions_total,
+            sessions_rejected=dict(self.rejected),
+            frames_sent_closed=self._frames_sent_closed,
+            late_frames_closed=self._late_frames_closed,
+            per_session=per_session,
+        )
+
+    # HTTP handlers
+
+    def _authorized(self, request: web.Request) -> bool:
+        ok = token_matches(self.token, bearer_token(request.headers.get("Authorization")))
+        if not ok:
+            self._reject("unauthorized")
+        return ok
+
+    def _unauthorized(self) -> web.Response:
+        response = error_response(
+            401, "missing or wrong bearer token: send 'Authorization: Bearer <token>' "
+            "(the page takes it from ?token= in its URL)"
+        )
+        response.headers["WWW-Authenticate"] = 'Bearer realm="realtime-avatar"'
+        return response
+
+    async def handle_index(self, request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(WEB_ROOT / "index.html")
+
+    async def handle_offer(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return self._unauthorized()
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            self._reject("bad_offer")
+            return error_response(400, "body must be JSON: {\"sdp\": \"v=0...\", \"type\": \"offer\"}")
+        if not isinstance(body, dict) or body.get("type") != "offer" or not isinstance(body.get("sdp"), str):
+            self._reject("bad_offer")
+            return error_response(400, "body must be JSON {\"sdp\": <string>, \"type\": \"offer\"}")
+        try:
+            peer, answer = await self.negotiate(body["sdp"])
+        except OfferError as exc:
+            if exc.status == 400:
+                self._reject("bad_offer")
+            return error_response(exc.status, exc.message)
+        return json_response({"sdp": answer, "type": "answer", "session_id": peer.id})
+
+    async def handle_whip(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return self._unauthorized()
+        if request.content_type != "application/sdp":
+            self._reject("bad_offer")
+            return error_response(
+                415, f"WHIP offers must be Content-Type application/sdp, got {request.content_type!r}"
+            )
+        try:
+            offer = await request.text()
+        except UnicodeDecodeError:
+            self._reject("bad_offer")
+            return error_response(400, "the SDP offer is not valid UTF-8")
+        try:
+            peer, answer = await self.negotiate(offer)
+        except OfferError as exc:
+            if exc.status == 400:
+                self._reject("bad_offer")
+            return error_response(exc.status, exc.message)
+        return web.Response(
+            status=201,
+            text=answer,
+            content_type="application/sdp",
+            headers={"Location": f"/whip/{peer.id}"},
+        )
+
+    def _peer(self, request: web.Request) -> PeerSession | None:
+        return self.peers.get(request.match_info["session_id"])
+
+    def _unknown_session(self, request: web.Request) -> web.Response:
+        return error_response(404, f"no session {request.match_info['session_id']!r} (ended or never existed)")
+
+    async def handle_delete(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return self._unauthorized()
+        peer = self._peer(request)
+        if peer is None:
+            return self._unknown_session(request)
+        await peer.close("deleted by the client")
+        return web.Response(status=200)
+
+    async def handle_stats(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return self._unauthorized()
+        peer = self._peer(request)
+        if peer is None:
+            return self._unknown_session(request)
+        return json_response(peer.stats())
+
+    async def handle_interrupt(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return self._unauthorized()
+        peer = self._peer(request)
+        if peer is None:
+            return self._unknown_session(request)
+        peer.session.interrupt()
+        return web.Response(status=204)
+
+    async def handle_health(self, request: web.Request) -> web.Response:
+        return json_response(
+            {"ok": True, "sessions": len(self.peers), "max_sessions": self.max_sessions}
+        )
+
+    async def handle_metrics(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return self._unauthorized()
+        return web.Response(
+            text=render_metrics(self.metrics()),
+            content_type="text/plain",
+            headers={"X-Content-Type-Options": "nosniff"},
+        )
+
+
+SERVER_KEY = web.AppKey("avatar_server", AvatarServer)
+
+
+def create_app(
+    session_factory: SessionFactory,
+    *,
+    max_sessions: int = DEFAULT_MAX_SESSIONS,
+    token: str | None = None,
+    media_timeout_s: float = DEFAULT_MEDIA_TIMEOUT_S,
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+    loopback_candidates: bool = True,
+) -> web.Application:
+    """The aiohttp app: page, signalling (/offer, /whip), /health, /metrics, per-session stats.
+
+    token: when set, every route but the page, its static files and /health needs
+    `Authorization: Bearer <token>`. loopback_candidates: see include_loopback_candidates.
+    """
+    if loopback_candidates:
+        include_loopback_candidates()
+    server = AvatarServer(
+        session_factory,
+        max_sessions=max_sessions,
+        token=token,
+        media_timeout_s=media_timeout_s,
+        connect_timeout_s=connect_timeout_s,
+    )
+    app = web.Application(client_max_size=MAX_SDP_BYTES * 2)
+    app[SERVER_KEY] = server
+    app.router.add_get("/", server.handle_index)
+    app.router.add_static("/web/", WEB_ROOT)
+    app.router.add_post("/offer", server.handle_offer)
+    app.router.add_post("/whip", server.handle_whip)
+    app.router.add_delete("/whip/{session_id}", server.handle_delete)
+    app.router.add_delete("/sessions/{session_id}", server.handle_delete)
+    app.router.add_get("/sessions/{session_id}/stats", server.handle_stats)
+    app.router.add_post("/sessions/{session_id}/interrupt", server.handle_interrupt)
+    app.router.add_get("/health", server.handle_health)
+    app.router.add_get("/metrics", server.handle_metrics)
+
+    async def on_shutdown(app: web.Application) -> None:
+        await server.close_all()
+
+    app.on_shutdown.append(on_shutdown)
+    return app
+
+
+async def run_server(
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    *,
+    session_factory: SessionFactory,
+    max_sessions: int = DEFAULT_MAX_SESSIONS,
+    token: str | None = None,
+    started: asyncio.Event | None = None,
+) -> None:
+    """Serve until cancelled; on cancellation every session is closed before returning."""
+    app = create_app(session_factory, max_sessions=max_sessions, token=token)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        log.info("realtime-avatar serving on http://%s:%d/", host, port)
+        if started is not None:
+            started.set()
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
