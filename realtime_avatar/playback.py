@@ -46,6 +46,7 @@ class PlaybackScheduler:
         self._arrivals: deque[tuple[int, float]] = deque()  # (input frame, time its audio was complete)
         self._complete = 0  # input frames [0, _complete) have all their audio
         self.next_frame = 0  # the next input frame to play
+        self.last_arrival: float | None = None  # when the audio of the last played frame arrived
         self.stats = PlaybackStats()
 
     def input_progress(self, frames_complete: int, now: float) -> None:
@@ -62,17 +63,11 @@ class PlaybackScheduler:
             self.stats.dropped += 1
             self.next_frame = self._arrivals[0][0]
         if self._arrivals and now + EPSILON_S >= self._arrivals[0][1] + self.delay_s:
-            frame, _ = self._arrivals.popleft()
+            frame, self.last_arrival = self._arrivals.popleft()
             self.next_frame = frame + 1
             self.stats.played += 1
             return frame
         self.stats.idle += 1
-        return None
-
-    def arrival_time(self, frame: int) -> float | None:
-        for k, t in self._arrivals:
-            if k == frame:
-                return t
         return None
 
     def pending(self) -> int:

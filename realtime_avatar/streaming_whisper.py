@@ -103,7 +103,11 @@ def plan_window(
         zero_pad = min(config.lookahead_features, segment_end - end)
     else:
         emit_to = end - config.lookahead_features
-    emit_to = min(emit_to, next_feature + config.hop_features) if not final else emit_to
+    if not final:
+        emit_to = min(emit_to, next_feature + config.hop_features)
+        # Run once per hop, not for every new feature (except to close a segment).
+        if emit_to - next_feature < config.hop_features and end != segment_end:
+            return None
     if emit_to <= next_feature:
         return None
     start = max(segment_start, end + zero_pad - config.window_features)

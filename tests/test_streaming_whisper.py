@@ -57,8 +57,12 @@ def test_every_feature_emitted_once_in_order_with_left_context(total, config):
 def test_nothing_emitted_until_lookahead_arrives():
     config = StreamingConfig(window_s=4.0, hop_s=0.2, lookahead_s=0.5)
     assert plan_window(0, 25, config, final=False) is None  # 0.5 s of audio: no feature final yet
-    p = plan_window(0, 30, config, final=False)
-    assert (p.emit_from, p.emit_to) == (0, 5)
+    assert plan_window(0, 34, config, final=False) is None  # less than one hop is final
+    p = plan_window(0, 35, config, final=False)  # one hop (10 features) + lookahead (25)
+    assert (p.emit_from, p.emit_to) == (0, 10)
+    # at the end of the stream the rest is emitted at once, padded with silence
+    p = plan_window(0, 30, config, final=True)
+    assert (p.emit_from, p.emit_to, p.zero_pad) == (0, 30, 25)
 
 
 def test_bad_config_is_refused():
