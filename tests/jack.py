@@ -1,0 +1,129 @@
+"""A JACK server with a dummy sound card, so microphone code can be tested without hardware.
+
+`jackd --no-realtime -d dummy` runs a real, clocked audio graph: its system:capture ports
+deliver (silent) blocks at exactly the server rate, and PortAudio (hence sounddevice) sees it as
+a "JACK Audio Connection Kit" device. `jack_connect` can route any client's output into our
+input, which is how a test plays a known tone into the "microphone".
+
+Each server gets a name of its own (JACK_DEFAULT_SERVER) so parallel test runs do not share
+one, and JACK_NO_START_SERVER stops libjack from starting a server behind our back. PortAudio
+enumerates devices only when it initialises (sounddevice does that at import), so
+`reinitialize_portaudio()` must run after the server is up.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import pytest
+
+JACK_RATE = 48_000  # Hz: the dummy card runs at a typical device rate, not ours, on purpose
+STARTUP_TIMEOUT = 10.0  # seconds for jackd to come up
+
+
+@dataclass
+class JackServer:
+    name: str
+    rate: int
+    process: subprocess.Popen
+
+    def _run(self, *args: str) -> str:
+        result = subprocess.run(
+            [*args, "-s", self.name], capture_output=True, text=True, timeout=10, check=False
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(args)} failed on JACK server {self.name!r}: {result.stderr}")
+        return result.stdout
+
+    def ports(self, direction: str) -> list[str]:
+        """Port names of one direction ('input' or 'output'), from `jack_lsp -p`."""
+        names, current = [], None
+        for line in self._run("jack_lsp", "-p").splitlines():
+            if not line.startswith((" ", "\t")):
+                current = line.strip()
+            elif "properties:" in line and current and direction in line.split(":", 1)[1]:
+                names.append(current)
+        return names
+
+    def connect(self, source: str, destination: str) -> None:
+        self._run("jack_connect", source, destination)
+
+
+def reinitialize_portaudio():
+    """Make PortAudio enumerate devices again (it only does so when it initialises)."""
+    import sounddevice
+
+    sounddevice._terminate()
+    sounddevice._initialize()
+    return sounddevice
+
+
+@contextmanager
+def jack_server(rate: int = JACK_RATE) -> Iterator[JackServer]:
+    """Run a dummy-driver JACK server for the duration of the block. Skips if jackd is absent."""
+    jackd = shutil.which("jackd")
+    if jackd is None or shutil.which("jack_lsp") is None:
+        pytest.skip("jackd2 is not installed (apt-get install jackd2 libportaudio2)")
+    name = f"realtime-avatar-test-{os.getpid()}"
+    saved_env = {key: os.environ.get(key) for key in ("JACK_DEFAULT_SERVER", "JACK_NO_START_SERVER")}
+    os.environ["JACK_DEFAULT_SERVER"] = name
+    os.environ["JACK_NO_START_SERVER"] = "1"
+    log = tempfile.TemporaryFile()  # a file, not a pipe: an unread pipe would stall jackd
+    process = subprocess.Popen(
+        [jackd, "--no-realtime", "-n", name, "-d", "dummy", "-r", str(rate)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    server = JackServer(name, rate, process)
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            if process.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(
+                    f"jackd exited with {process.returncode}: {log.read().decode(errors='replace')}"
+                )
+            probe = subprocess.run(
+                ["jack_lsp", "-s", name], capture_output=True, timeout=10, check=False
+            )
+            if probe.returncode == 0 and b"system:capture_1" in probe.stdout:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"jackd did not come up within {STARTUP_TIMEOUT} s")
+            time.sleep(0.1)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def jackd() -> Iterator[JackServer]:
+    """A JACK server for the test module. If the tests loaded PortAudio, it is shut down while
+    the server still runs (closing its JACK client cleanly) and started again afterwards, so
+    later tests see the machine's devices without the server."""
+    with jack_server() as server:
+        yield server
+        sounddevice = sys.modules.get("sounddevice")
+        if sounddevice is not None:
+            sounddevice._terminate()
+    if sounddevice is not None:
+        sounddevice._initialize()
