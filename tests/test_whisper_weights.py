@@ -377,6 +377,20 @@ def test_garbage_truncated_and_wrong_torch_files_are_named(tmp_path):
         load_whisper(wrong_dims)
 
 
+def test_cache_locations_follow_xdg_and_the_override(tmp_path, monkeypatch):
+    monkeypatch.delenv("REALTIME_AVATAR_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert whisper_cache_dir() == tmp_path / "home" / ".cache" / "whisper"
+    assert converted_tiny_en_path() == (
+        tmp_path / "home" / ".cache" / "realtime-avatar" / "whisper" / "tiny.en-ct2.pt")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert whisper_cache_dir() == tmp_path / "xdg" / "whisper"
+    assert converted_tiny_en_path().parent == tmp_path / "xdg" / "realtime-avatar" / "whisper"
+    monkeypatch.setenv("REALTIME_AVATAR_CACHE", str(tmp_path / "mine"))
+    assert converted_tiny_en_path() == tmp_path / "mine" / "whisper" / "tiny.en-ct2.pt"
+
+
 # ---------------------------------------------------------------------------------------------
 # Official openai-whisper checkpoints
 # ---------------------------------------------------------------------------------------------
