@@ -40,7 +40,9 @@ class JackServer:
             [*args, "-s", self.name], capture_output=True, text=True, timeout=10, check=False
         )
         if result.returncode != 0:
-            raise RuntimeError(f"{' '.join(args)} failed on JACK server {self.name!r}: {result.stderr}")
+            raise RuntimeError(
+                f"{' '.join(args)} failed on JACK server {self.name!r}: {result.stderr}"
+            )
         return result.stdout
 
     def ports(self, direction: str) -> list[str]:
@@ -73,7 +75,8 @@ def jack_server(rate: int = JACK_RATE) -> Iterator[JackServer]:
     if jackd is None or shutil.which("jack_lsp") is None:
         pytest.skip("jackd2 is not installed (apt-get install jackd2 libportaudio2)")
     name = f"realtime-avatar-test-{os.getpid()}"
-    saved_env = {key: os.environ.get(key) for key in ("JACK_DEFAULT_SERVER", "JACK_NO_START_SERVER")}
+    env_keys = ("JACK_DEFAULT_SERVER", "JACK_NO_START_SERVER")
+    saved_env = {key: os.environ.get(key) for key in env_keys}
     os.environ["JACK_DEFAULT_SERVER"] = name
     os.environ["JACK_NO_START_SERVER"] = "1"
     log = tempfile.TemporaryFile()  # a file, not a pipe: an unread pipe would stall jackd

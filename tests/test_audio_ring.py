@@ -45,7 +45,7 @@ def test_overrun_counts_only_unread_samples_that_were_dropped():
     np.testing.assert_array_equal(ring.read(29, 39), ramp(29, 39))
     stats = ring.stats()
     assert stats["overrun_samples"] == 19 and stats["overrun_events"] == 2
-    assert stats["write_index"] == 39 and stats["oldest_index"] == 29 and stats["unread_samples"] == 0
+    assert (stats["write_index"], stats["oldest_index"], stats["unread_samples"]) == (39, 29, 0)
 
 
 def test_overrun_matches_a_per_sample_model_on_random_traffic():

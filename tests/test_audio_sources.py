@@ -52,7 +52,7 @@ def tone(rate: int, seconds: float, hz: float = TONE_HZ, amplitude: float = 0.5)
 
 
 def peak_frequency(x: np.ndarray, rate: int = SAMPLE_RATE) -> float:
-    """Frequency of the strongest spectral peak, refined by a parabola through the log magnitudes."""
+    """Frequency of the strongest spectral peak, refined by a parabola through log magnitudes."""
     spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
     k = int(np.argmax(spectrum[1:-1])) + 1
     a, b, c = np.log(spectrum[k - 1 : k + 2] + 1e-20)
@@ -219,7 +219,8 @@ def test_stream_resampler_int16_equals_scaled_float_and_16k_mono_passes_through(
     as_int = StreamResampler(48000, 2)
     as_float = StreamResampler(48000, 2)
     out_int = np.concatenate([as_int.process(pcm16), as_int.flush()])
-    out_float = np.concatenate([as_float.process(pcm16.astype(np.float32) / 32768), as_float.flush()])
+    scaled = pcm16.astype(np.float32) / 32768
+    out_float = np.concatenate([as_float.process(scaled), as_float.flush()])
     np.testing.assert_allclose(out_int, out_float, atol=1e-6)
     assert len(out_int) == 1600
 
@@ -240,12 +241,14 @@ def test_stream_resampler_int16_equals_scaled_float_and_16k_mono_passes_through(
 def test_stream_resampler_matches_sox(speech_22k, media_dir):
     """sox's `rate` effect (an independent resampler and downmix) agrees sample for sample."""
     path, ours = speech_22k
-    stereo = write_audio(media_dir / "speech_stereo_44k.wav", _resample(ours, 44100), 44100, 2, "pcm_s16le")
+    stereo = write_audio(
+        media_dir / "speech_stereo_44k.wav", _resample(ours, 44100), 44100, 2, "pcm_s16le"
+    )
     for source, out in [(path, ours), (stereo, read_audio_file(stereo))]:
         reference_path = media_dir / f"{source.stem}_sox16k.wav"
         subprocess.run(
-            ["sox", str(source), "-r", str(SAMPLE_RATE), "-c", "1", "-b", "32", "-e", "floating-point",
-             str(reference_path), "rate", "-v"],
+            ["sox", str(source), "-r", str(SAMPLE_RATE), "-c", "1", "-b", "32",
+             "-e", "floating-point", str(reference_path), "rate", "-v"],
             check=True,
         )
         reference = read_audio_file(reference_path)
@@ -262,7 +265,8 @@ def _resample(x: np.ndarray, rate: int) -> np.ndarray:
 
 def test_stream_resampler_throughput_is_far_above_real_time():
     seconds = 20
-    source = (np.random.default_rng(0).standard_normal((48000 * seconds, 2)) * 0.1).astype(np.float32)
+    noise = np.random.default_rng(0).standard_normal((48000 * seconds, 2)) * 0.1
+    source = noise.astype(np.float32)
     resampler = StreamResampler(48000, 2)
     block = 960  # 20 ms blocks, as from a device or WebRTC
     t0 = time.perf_counter()
@@ -416,7 +420,9 @@ def test_push_source_follows_a_rate_and_layout_change_mid_stream():
     # the peer renegotiates: planar float mono at 44.1 kHz in 10 ms frames
     second = tone(44100, 1.0, hz=660.0)
     for start in range(0, len(second), 441):
-        frame = av.AudioFrame.from_ndarray(second[None, start : start + 441], format="fltp", layout="mono")
+        frame = av.AudioFrame.from_ndarray(
+            second[None, start : start + 441], format="fltp", layout="mono"
+        )
         frame.sample_rate = 44100
         source.push(frame)
     source.flush()
@@ -438,7 +444,8 @@ def test_push_pcm_interleaved_int16_equals_pushed_frames():
     frames_source.flush()
     pcm_source.flush()
     assert by_frames.write_index == by_pcm.write_index == SAMPLE_RATE // 2
-    np.testing.assert_array_equal(by_frames.read(0, SAMPLE_RATE // 2), by_pcm.read(0, SAMPLE_RATE // 2))
+    half = SAMPLE_RATE // 2
+    np.testing.assert_array_equal(by_frames.read(0, half), by_pcm.read(0, half))
     with pytest.raises(ValueError, match="3 channels"):
         pcm_source.push_pcm(np.zeros(10, np.int16), rate=48000, channels=3)
 
