@@ -196,12 +196,14 @@ def _static_face_mesh():
     return _new_face_mesh(static_image_mode=True)
 
 
-def _landmarks_from_results(results, image_shape: tuple[int, int], what: str) -> FaceLandmarks | None:
+def _landmarks_from_results(
+    results, image_shape: tuple[int, int], what: str, warn: bool = True
+) -> FaceLandmarks | None:
     faces = _to_pixels(results, image_shape)
     if not faces:
         return None
     points, n = _largest_face(faces)
-    if n > 1:
+    if n > 1 and warn:
         warnings.warn(
             f"{n} faces found in {what}; using the largest one", MultipleFacesWarning, stacklevel=3
         )
@@ -268,8 +270,11 @@ class FaceTracker:
     that reappears elsewhere is not dragged from its old place.
     """
 
-    def __init__(self, fps: float = FPS, smoothing: OneEuroFilter | None = None):
+    def __init__(
+        self, fps: float = FPS, smoothing: OneEuroFilter | None = None, warn_multiple: bool = True
+    ):
         self._mesh = _new_face_mesh(static_image_mode=False)
+        self._warn_multiple = warn_multiple  # off when the caller reports several faces itself
         self._filter = smoothing if smoothing is not None else OneEuroFilter()
         self._frame_period = 1.0 / fps
         self._frames_seen = 0
@@ -284,7 +289,9 @@ class FaceTracker:
         index = self._frames_seen
         self._frames_seen += 1
         results = self._mesh.process(cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2RGB))
-        found = _landmarks_from_results(results, frame_bgr.shape[:2], f"frame {index}")
+        found = _landmarks_from_results(
+            results, frame_bgr.shape[:2], f"frame {index}", warn=self._warn_multiple
+        )
         if found is None:
             self._filter.reset()
             return None
