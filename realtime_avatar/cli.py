@@ -120,6 +120,51 @@ def cmd_features(args) -> int:
     return 0
 
 
+# -- prepare / render ----------------------------------------------------------------------------
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default",
+                   help="renderer model: 'default' (the bundled compact model), 'compact:FILE.safetensors' "
+                        "or 'musetalk-v15:DIR' (a directory laid out as the official MuseTalk release)")
+    p.add_argument("--allow-random-weights", action="store_true",
+                   help="if the default model's weights are missing, run with random ones (pipeline tests only)")
+    p.add_argument("--avatar", default=None,
+                   help="avatar directory made by 'prepare', or an image/video of one face "
+                        "(prepared and cached on first use); default: the bundled astronaut photo")
+    p.add_argument("--whisper", default="tiny.en", help="Whisper weights (default tiny.en, offline copy)")
+    p.add_argument("--batch", type=int, default=8, help="frames per model call (default 8)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+
+
+def _runtime(args):
+    from .runtime import load_runtime
+
+    return load_runtime(args.model, args.avatar, args.whisper, allow_random=args.allow_random_weights,
+                        batch_size=args.batch, threads=args.threads)
+
+
+def cmd_prepare(args) -> int:
+    from .avatar import prepare_main
+
+    return prepare_main(args)
+
+
+def cmd_render(args) -> int:
+    """Render an audio file into an MP4 of the avatar speaking it (offline, whole clip at once)."""
+    from .offline_render import render_clip
+
+    runtime = _runtime(args)
+    audio = Path(args.audio) if args.audio else speech_sample()
+    result = render_clip(runtime.renderer, runtime.encoder, audio, args.output, progress=not args.no_progress)
+    print(json.dumps({
+        "output": str(result.path), "frames": result.frames, "audio_seconds": round(result.audio_seconds, 3),
+        "features_seconds": round(result.features_seconds, 2), "render_seconds": round(result.render_seconds, 2),
+        "render_fps": round(result.frames / max(result.render_seconds, 1e-9), 1),
+    }, indent=2))
+    return 0
+
+
 # -- main -----------------------------------------------------------------------------------------
 
 
@@ -141,6 +186,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true", help="feed the file as fast as possible, not in real time")
     _streaming_args(p)
     p.set_defaults(func=cmd_features)
+
+    from .avatar import add_prepare_arguments
+
+    p = sub.add_parser("prepare", help="prepare (and cache) an avatar from an image or a video",
+                       description="Detect the face in every frame, crop it, encode the model's latents and "
+                                   "the blending masks, and cache it all in a versioned directory.")
+    add_prepare_arguments(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("render", help="render an audio file into an MP4 of the avatar speaking it",
+                       description=cmd_render.__doc__)
+    p.add_argument("--audio", help="speech audio or video file; default: the built-in speech sample")
+    p.add_argument("-o", "--output", default="out/avatar.mp4", help="output MP4 (default out/avatar.mp4)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _model_args(p)
+    p.set_defaults(func=cmd_render)
     return parser
 
 

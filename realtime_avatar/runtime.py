@@ -1,0 +1,75 @@
+"""Everything sessions share, loaded once per process: Whisper encoder, renderer model, avatar.
+
+A server holds one Runtime and creates an AvatarSession per connection from it; the heavy parts
+(weights, the avatar cache, idle frames) are never duplicated per session.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from whisper.model import AudioEncoder
+
+from .avatar import (
+    Avatar,
+    AvatarSettings,
+    default_avatar_dir,
+    default_avatar_source,
+    load_avatar,
+    load_or_prepare_avatar,
+    read_manifest,
+)
+from .models.base import RendererModel
+from .models.registry import load_model
+from .renderer import AvatarRenderer, silence_window
+from .whisper_weights import load_whisper
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    encoder: AudioEncoder
+    model: RendererModel
+    avatar: Avatar
+    renderer: AvatarRenderer
+
+    def describe(self) -> str:
+        a = self.avatar
+        return (f"model {self.model.model_id} ({self.model.weights_hash()[:12]}), avatar {a.path} "
+                f"({a.num_frames} frames {a.frame_shape[1]}x{a.frame_shape[0]})")
+
+
+def resolve_avatar(avatar: str | Path | None, model: RendererModel, progress: bool = True) -> Avatar:
+    """An avatar directory (made by `prepare`) is loaded as is; an image or video is prepared
+    (or its cache reused); None means the bundled default face."""
+    if avatar is not None and Path(avatar).is_dir() and read_manifest(Path(avatar)) is not None:
+        return load_avatar(Path(avatar))
+    source = Path(avatar) if avatar is not None else default_avatar_source()
+    return load_or_prepare_avatar(source, default_avatar_dir(source, model), model, AvatarSettings(), progress=progress)
+
+
+def load_runtime(
+    model: str = "default",
+    avatar: str | Path | None = None,
+    whisper: str = "tiny.en",
+    *,
+    allow_random: bool = False,
+    batch_size: int = 8,
+    threads: int | None = None,
+    progress: bool = True,
+) -> Runtime:
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    encoder = load_whisper(whisper).encoder
+    renderer_model = load_model(model, allow_random=allow_random)
+    prepared = resolve_avatar(avatar, renderer_model, progress)
+    renderer = AvatarRenderer(renderer_model, prepared, silence_window(encoder), batch_size=batch_size)
+    runtime = Runtime(encoder, renderer_model, prepared, renderer)
+    log.info("runtime ready in %.1f s: %s", time.perf_counter() - t0, runtime.describe())
+    return runtime
