@@ -549,6 +549,17 @@ class Avatar:
     def new_frame_buffer(self) -> np.ndarray:
         return np.empty(self.frame_shape, np.uint8)
 
+    def check_model(self, model: RendererModel) -> None:
+        """Raise AvatarCacheError unless the latents were encoded by this model's weights
+        (latents of another model render garbage without any error)."""
+        m = self.manifest
+        if (m.model_id, m.weights_hash) != (model.model_id, model.weights_hash()):
+            raise AvatarCacheError(
+                f"{self.path}: prepared for model {m.model_id} ({m.weights_hash[:12]}), not for "
+                f"{model.model_id} ({model.weights_hash()[:12]}). Prepare the avatar again with "
+                "this model, or give its source image/video instead of the directory."
+            )
+
     def compose_into(self, out: np.ndarray, patch_256_bgr: np.ndarray, i: int) -> np.ndarray:
         """Fill `out` with the frame at cycle position i and blend the rendered patch into it."""
         j = self.cycle_index(i)

@@ -248,6 +248,10 @@ def test_prepare_from_image(tmp_path, astronaut_png, astronaut_bgr):
     assert not np.array_equal(out, av_.frames[7])  # patch blended (a blurry 32x32 reconstruction)
     assert np.array_equal(out[:40], av_.frames[7][:40])  # far from the mouth nothing moved
 
+    av_.check_model(model)
+    with pytest.raises(AvatarCacheError, match="prepared for model test-avgpool"):
+        av_.check_model(AvgPoolModel(tag="other"))
+
 
 def test_still_image_gives_one_frame(tmp_path, astronaut_png):
     av_ = prepare_avatar(astronaut_png, tmp_path / "a", AvgPoolModel(), AvatarSettings(idle_motion=False))
