@@ -48,7 +48,9 @@ def resolve_avatar(avatar: str | Path | None, model: RendererModel, progress: bo
     """An avatar directory (made by `prepare`) is loaded as is; an image or video is prepared
     (or its cache reused); None means the bundled default face."""
     if avatar is not None and Path(avatar).is_dir() and read_manifest(Path(avatar)) is not None:
-        return load_avatar(Path(avatar))
+        prepared = load_avatar(Path(avatar))
+        prepared.check_model(model)  # latents of another model would render garbage
+        return prepared
     source = Path(avatar) if avatar is not None else default_avatar_source()
     return load_or_prepare_avatar(source, default_avatar_dir(source, model), model, AvatarSettings(), progress=progress)
 

@@ -1,0 +1,327 @@
+"""AvatarSession: one live conversation, from pushed audio to paced video + audio tracks.
+
+    push_audio ──> PcmPushSource ──> AudioRing (16 kHz, the input clock)
+                                        │
+    _features_loop: StreamingWhisper.stream() ──> StreamingFrameWindows ──> render queue
+    _render_loop:   batches of windows ──> AvatarRenderer (worker thread) ──> rendered frames
+    _clock_loop:    every 40 ms, PlaybackScheduler picks the input frame for the tick and
+                    emits its video frame and its 40 ms of audio together ──> tracks
+
+Every queue has an owner and a bound: the render queue (owned by _features_loop/_render_loop)
+holds at most `ring_seconds` of frames, rendered frames older than the playback position are
+dropped, and the two output queues keep only the newest few ticks when nobody reads them.
+`close()` cancels the three tasks and drains everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import av
+import numpy as np
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from whisper.model import AudioEncoder
+
+from .audio_ring import AudioRing, SamplesLost
+from .audio_sources import PcmPushSource
+from .frame_windows import FrameAudio, StreamingFrameWindows
+from .playback import PlaybackScheduler, tick_time
+from .renderer import AvatarRenderer
+from .streaming_whisper import StreamingConfig, StreamingWhisper
+from .timing import (
+    FEATURE_RATE,
+    FEATURES_PER_FRAME,
+    FPS,
+    SAMPLE_RATE,
+    SAMPLES_PER_FEATURE,
+    SAMPLES_PER_FRAME,
+    WINDOW_FEATURES,
+    WINDOW_PAD_LEFT,
+    num_features,
+    window_first_feature,
+)
+
+log = logging.getLogger(__name__)
+
+VIDEO_CLOCK_RATE = 90_000  # RTP video clock
+VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK_RATE)
+AUDIO_TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
+OUTPUT_QUEUE_TICKS = 4  # output frames kept for a slow reader before the oldest is dropped
+# A frame's window reaches 4 features (80 ms) past the frame's own audio (features 2i+4, 2i+5).
+WINDOW_RIGHT_CONTEXT_S = (WINDOW_FEATURES - WINDOW_PAD_LEFT - FEATURES_PER_FRAME) / FEATURE_RATE
+
+
+def pipeline_delay(streaming: StreamingConfig, render_budget_s: float) -> float:
+    """Seconds from the end of a frame's audio until its lips can be on screen: the window's
+    right context, the encoder lookahead, up to one hop of waiting, and the render budget."""
+    return WINDOW_RIGHT_CONTEXT_S + streaming.lookahead_s + streaming.hop_s + render_budget_s
+
+
+def window_audio_range(frame: int) -> tuple[int, int]:
+    """Samples [start, end) of the audio that frame's 10-feature window hears (may start < 0)."""
+    first = window_first_feature(frame)
+    return first * SAMPLES_PER_FEATURE, (first + WINDOW_FEATURES) * SAMPLES_PER_FEATURE
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    streaming: StreamingConfig = field(default_factory=StreamingConfig)
+    render_budget_s: float = 0.15  # time allowed for encoder + batch render before a frame is late
+    delay_s: float | None = None  # output delay behind the input; None: pipeline_delay(...)
+    max_backlog_s: float = 0.5  # extra latency tolerated before old frames are dropped
+    batch_size: int = 4  # frames rendered per model call (more = faster, but adds latency)
+    ring_seconds: float = 30.0  # input audio kept; also bounds the render queue
+    silence_rms: float = 0.002  # windows quieter than this (~ -54 dBFS) show the idle mouth unrendered
+
+    @property
+    def output_delay_s(self) -> float:
+        return self.delay_s if self.delay_s is not None else pipeline_delay(self.streaming, self.render_budget_s)
+
+
+class SessionTrack(MediaStreamTrack):
+    """An output track fed by the session's clock; recv() waits for the next tick's frame."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self._queue: asyncio.Queue = asyncio.Queue(maxsize=OUTPUT_QUEUE_TICKS)
+        self.dropped = 0
+
+    def put(self, frame) -> None:
+        if self._queue.full():  # nobody reads (not negotiated yet, or a slow peer): keep the newest
+            self._queue.get_nowait()
+            self.dropped += 1
+        self._queue.put_nowait(frame)
+
+    async def recv(self):
+        if self.readyState != "live":
+            raise MediaStreamError
+        frame = await self._queue.get()
+        if frame is None:  # the session closed
+            raise MediaStreamError
+        return frame
+
+    def finish(self) -> None:
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._queue.put_nowait(None)
+        self.stop()
+
+
+class AvatarSession:
+    """A live session. Create it inside a running event loop, `await start()`, push audio."""
+
+    def __init__(self, encoder: AudioEncoder, renderer: AvatarRenderer, config: SessionConfig = SessionConfig()):
+        self.config = config
+        self.renderer = renderer
+        self.ring = AudioRing(int(config.ring_seconds * SAMPLE_RATE))
+        self.input = PcmPushSource(self.ring)
+        self.whisper = StreamingWhisper(encoder, self.ring, config.streaming)
+        self.windows = StreamingFrameWindows()
+        self.scheduler = PlaybackScheduler(config.output_delay_s, config.max_backlog_s)
+        self.video_track = SessionTrack("video")
+        self.audio_track = SessionTrack("audio")
+        self._render_queue: asyncio.Queue[FrameAudio | None] = asyncio.Queue(
+            maxsize=int(config.ring_seconds * FPS)
+        )
+        self._rendered: dict[int, np.ndarray] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._closed = False
+        # tick n plays input frame n - offset; used to pick the avatar pose a frame will be shown on
+        self._tick_offset = int(np.ceil(config.output_delay_s * FPS))
+        self.started_at: float | None = None
+        self.ticks = 0
+        self.late_frames = 0
+        self.rendered_frames = 0
+        self.silent_frames = 0
+        self.stale_frames = 0
+        self._latencies: deque[float] = deque(maxlen=FPS * 10)
+        self._tick_times: deque[float] = deque(maxlen=FPS * 2)
+        self.on_tick = None  # optional callback(tick, input_frame | None, image, audio), e.g. a recorder
+
+    # -- input ----------------------------------------------------------------------------------
+
+    def push_audio(self, frame: av.AudioFrame) -> None:
+        if not self._closed and not self.ring.closed:
+            self.input.push(frame)
+
+    def push_pcm(self, samples: np.ndarray, rate: int, channels: int = 1) -> None:
+        if not self._closed and not self.ring.closed:
+            self.input.push_pcm(samples, rate, channels)
+
+    def end_of_input(self) -> None:
+        """The speaker's stream ended: the last frames are released, then the avatar idles."""
+        if not self.ring.closed:
+            self.input.close()
+
+    def interrupt(self) -> None:
+        """Barge-in: nothing already queued is shown or heard; the next tick idles."""
+        dropped = self.scheduler.drop_pending()
+        while not self._render_queue.empty():
+            self._render_queue.get_nowait()
+        self._rendered.clear()
+        log.info("interrupt: dropped %d queued frames", dropped)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._tasks:
+            raise RuntimeError("session already started")
+        self._tasks = [
+            asyncio.create_task(self._features_loop(), name="avatar-features"),
+            asyncio.create_task(self._render_loop(), name="avatar-render"),
+            asyncio.create_task(self._clock_loop(), name="avatar-clock"),
+        ]
+        for task in self._tasks:
+            task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("session task %s failed", task.get_name(), exc_info=task.exception())
+
+    async def close(self) -> None:
+        """Stop every task and release every buffer. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self.ring.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        while not self._render_queue.empty():
+            self._render_queue.get_nowait()
+        self._rendered.clear()
+        self.video_track.finish()
+        self.audio_track.finish()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- pipeline -------------------------------------------------------------------------------
+
+    async def _features_loop(self) -> None:
+        async for block in self.whisper.stream():
+            for fa in self.windows.push(block.first_index, block.states):
+                await self._render_queue.put(fa)
+        for fa in self.windows.finish(num_features(self.ring.write_index)):
+            await self._render_queue.put(fa)
+
+    def _is_silent(self, frame: int) -> bool:
+        start, end = window_audio_range(frame)
+        try:
+            audio = self.ring.read(max(0, start), min(end, self.ring.write_index))
+        except SamplesLost:
+            return True
+        return audio.size == 0 or float(np.sqrt(np.mean(audio * audio))) < self.config.silence_rms
+
+    async def _render_loop(self) -> None:
+        cycle = self.renderer.cycle_length
+        while True:
+            batch = [await self._render_queue.get()]
+            while len(batch) < self.config.batch_size and not self._render_queue.empty():
+                batch.append(self._render_queue.get_nowait())
+            # Frames the clock has already passed are not worth rendering (we are behind).
+            fresh = [fa for fa in batch if fa.index >= self.scheduler.next_frame]
+            self.stale_frames += len(batch) - len(fresh)
+            speech = []
+            for fa in fresh:
+                if self._is_silent(fa.index):
+                    self.silent_frames += 1
+                    self._rendered[fa.index] = None  # show the idle frame of whatever tick plays it
+                else:
+                    speech.append(fa)
+            if not speech:
+                continue
+            poses = [(fa.index + self._tick_offset) % cycle for fa in speech]
+            windows = np.stack([fa.window for fa in speech])
+            images = await asyncio.to_thread(self.renderer.render, poses, windows)
+            for fa, image in zip(speech, images):
+                if fa.index >= self.scheduler.next_frame:
+                    self._rendered[fa.index] = image
+            self.rendered_frames += len(speech)
+
+    async def _clock_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        t0 = self.started_at = loop.time()
+        n = 0
+        silence = np.zeros(SAMPLES_PER_FRAME, np.float32)
+        while True:
+            wait = tick_time(t0, n) - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            now = loop.time()
+            self.scheduler.input_progress(self.ring.write_index // SAMPLES_PER_FRAME, now)
+            arrival = None
+            frame = self.scheduler.tick(now)
+            pose = n % self.renderer.cycle_length
+            image, audio = None, silence
+            if frame is not None:
+                self._tick_offset = n - frame
+                arrival = self.scheduler.last_arrival
+                if frame in self._rendered:
+                    image = self._rendered.pop(frame)
+                else:
+                    self.late_frames += 1
+                try:
+                    audio = self.ring.read(frame * SAMPLES_PER_FRAME, (frame + 1) * SAMPLES_PER_FRAME)
+                except SamplesLost:
+                    audio = silence
+            if image is None:
+                image = self.renderer.idle_frame(pose)
+            for k in [k for k in self._rendered if k < self.scheduler.next_frame]:
+                del self._rendered[k]  # dropped by the scheduler: never shown
+            self._emit(n, image, audio)
+            if arrival is not None:
+                self._latencies.append(now - arrival)
+            if self.on_tick is not None:
+                self.on_tick(n, frame, image, audio)
+            self._tick_times.append(now)
+            self.ticks = n = n + 1
+
+    def _emit(self, n: int, image: np.ndarray, audio: np.ndarray) -> None:
+        video = av.VideoFrame.from_ndarray(image, format="bgr24")
+        video.pts = n * (VIDEO_CLOCK_RATE // FPS)
+        video.time_base = VIDEO_TIME_BASE
+        pcm = np.clip(audio * 32768.0, -32768, 32767).astype(np.int16)
+        sound = av.AudioFrame.from_ndarray(pcm[None, :], format="s16", layout="mono")
+        sound.sample_rate = SAMPLE_RATE
+        sound.pts = n * SAMPLES_PER_FRAME
+        sound.time_base = AUDIO_TIME_BASE
+        self.video_track.put(video)
+        self.audio_track.put(sound)
+
+    # -- reporting ------------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        fps = 0.0
+        if len(self._tick_times) > 1:
+            span = self._tick_times[-1] - self._tick_times[0]
+            fps = (len(self._tick_times) - 1) / span if span > 0 else 0.0
+        latencies = sorted(self._latencies)
+        return {
+            "fps": round(fps, 2),
+            "frames_sent": self.ticks,
+            "frames_played": self.scheduler.stats.played,
+            "idle_frames": self.scheduler.stats.idle,
+            "dropped_frames": self.scheduler.stats.dropped,
+            "late_frames": self.late_frames,
+            "rendered_frames": self.rendered_frames,
+            "silent_frames": self.silent_frames,
+            "stale_frames": self.stale_frames,
+            # audio arrival -> frame on the wire, inside the session (network not included)
+            "latency_ms": round(1000 * latencies[len(latencies) // 2], 1) if latencies else None,
+            "output_delay_ms": round(1000 * self.config.output_delay_s, 1),
+            # video and audio of a tick leave together: the offset is zero by construction
+            "av_offset_ms": 0.0,
+            "input_seconds": round(self.ring.write_index / SAMPLE_RATE, 3),
+            "ring_overruns": self.ring.overrun_samples,
+            "encoder_runs": self.whisper.runs,
+            "encoder_ms_per_run": round(1000 * self.whisper.encode_seconds / max(1, self.whisper.runs), 2),
+        }
