@@ -233,3 +233,30 @@ class StreamingWhisper:
                 await self.ring.wait_until(self.next_feature * SAMPLES_PER_FEATURE + lookahead_samples)
             except RingClosed:
                 pass
+
+
+# The live setting our own (compact) models are trained with: they learn from exactly the
+# features the streaming encoder gives at this lookahead, so no parity with the offline pass is
+# needed and latency stays low (DESIGN.md 4). MuseTalk weights need StreamingConfig() instead.
+LOW_LATENCY = StreamingConfig(window_s=2.0, hop_s=0.12, lookahead_s=0.1)
+
+
+@torch.no_grad()
+def stream_features(encoder: AudioEncoder, audio: np.ndarray, config: StreamingConfig = LOW_LATENCY) -> np.ndarray:
+    """The features a live session would produce for this clip, computed as fast as possible
+    (same windows, hops and lookahead, no waiting) -> [floor(len/320), 5, 384] float32."""
+    from .audio_ring import AudioRing
+
+    ring = AudioRing(max(len(audio), 1))
+    whisper = StreamingWhisper(encoder, ring, config)
+    blocks = []
+    hop = config.hop_features * SAMPLES_PER_FEATURE
+    for i in range(0, len(audio), hop):
+        ring.write(audio[i : i + hop])
+        while (block := whisper.step()) is not None:
+            blocks.append(block.states)
+    ring.close()
+    while (block := whisper.step(final=True)) is not None:
+        blocks.append(block.states)
+    layers, dim = len(encoder.blocks) + 1, encoder.ln_post.normalized_shape[0]
+    return np.concatenate(blocks) if blocks else np.zeros((0, layers, dim), np.float32)

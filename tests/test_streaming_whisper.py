@@ -146,3 +146,13 @@ def test_parity_on_a_stream_longer_than_30s(encoder, speech):
     # the second segment is encoded from its own start, as the offline pass does
     seg2 = slice(SEGMENT_FEATURES, SEGMENT_FEATURES + 50)
     assert layer_cosines(streamed[seg2], offline[seg2]).min() > 0.9
+
+
+def test_stream_features_equals_the_live_stream(encoder, speech):
+    from realtime_avatar.streaming_whisper import LOW_LATENCY, stream_features
+
+    clip = speech[: 3 * SAMPLE_RATE + 123]
+    fast = stream_features(encoder, clip, LOW_LATENCY)
+    live = stream_all(encoder, clip, LOW_LATENCY, chunk=320 * 6)
+    assert fast.shape == live.shape == (num_features(len(clip)), 5, 384)
+    np.testing.assert_allclose(fast, live, atol=1e-4)
