@@ -32,6 +32,7 @@ assert GRID_PER_FRAME * FPS == GRID_RATE
 JAW_SMOOTHING_S = 0.022  # Gaussian sigma for jaw opening and lip spread
 ROUND_SMOOTHING_S = 0.035  # rounding is anticipated further ahead than jaw movement
 CONTACT_SMOOTHING_S = 0.012  # closures/labiodentals ramp in and out quickly
+CLOSURE_HOLDS_JAW = 0.7  # a full lip closure removes this share of the jaw opening
 # A closure reaches 1.0 in a frame when it covers at least this fraction of the frame.
 CONTACT_FULL_COVERAGE = 0.5
 
@@ -294,11 +295,14 @@ def viseme_curves(phonemes: list[Phoneme], n_frames: int) -> VisemeCurves:
             closures.append((art.start_s - lead, art.end_s, art.target.closure))
         if art.target.labiodental > 0:
             labiodentals.append((art.start_s - lead, art.end_s, art.target.labiodental))
+    closure = contact_curve(closures, n_frames)
+    # Lips pressed together hold the jaw nearly shut too, whatever the smoothing brought in.
+    jaw_frames = frame_means(gaussian_smooth(jaw, JAW_SMOOTHING_S * GRID_RATE), n_frames)
     curves = VisemeCurves(
-        jaw=frame_means(gaussian_smooth(jaw, JAW_SMOOTHING_S * GRID_RATE), n_frames),
+        jaw=jaw_frames * (1.0 - CLOSURE_HOLDS_JAW * closure),
         spread=frame_means(gaussian_smooth(spread, JAW_SMOOTHING_S * GRID_RATE), n_frames),
         round=frame_means(gaussian_smooth(round_, ROUND_SMOOTHING_S * GRID_RATE), n_frames),
-        closure=contact_curve(closures, n_frames),
+        closure=closure,
         labiodental=contact_curve(labiodentals, n_frames),
     )
     return VisemeCurves(
