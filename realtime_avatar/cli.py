@@ -156,7 +156,7 @@ def cmd_render(args) -> int:
 
     runtime = _runtime(args)
     audio = Path(args.audio) if args.audio else speech_sample()
-    result = render_clip(runtime.renderer, runtime.encoder, audio, args.output, progress=not args.no_progress)
+    result = render_clip(runtime.renderer, runtime.clip_features, audio, args.output, progress=not args.no_progress)
     print(json.dumps({
         "output": str(result.path), "frames": result.frames, "audio_seconds": round(result.audio_seconds, 3),
         "features_seconds": round(result.features_seconds, 2), "render_seconds": round(result.render_seconds, 2),

@@ -1,7 +1,8 @@
 """Offline render: a whole audio file -> an MP4 of the avatar speaking it (H.264 + AAC).
 
-The non-streaming path, as MuseTalk's scripts work: features of the whole clip at once
-(each 30 s segment encoded in one pass), windows for every frame, batched rendering. Frame
+The non-streaming path, as MuseTalk's scripts work: features of the whole clip first (for
+MuseTalk weights each 30 s segment encoded in one pass; for our own models the features the live
+encoder gives, which they were trained on), windows for every frame, batched rendering. Frame
 count is floor(duration x 25), so video and audio lengths agree within one frame (40 ms)
 whatever the input's sample rate: the audio is resampled by soxr to 16 kHz for the features,
 and the MP4's soundtrack is the original audio re-encoded at its own rate (never reinterpreted).
@@ -13,16 +14,15 @@ import fractions
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import av
 import numpy as np
 from tqdm import tqdm
-from whisper.model import AudioEncoder
 
 from .audio_sources import AudioSourceError, read_audio_file
 from .frame_windows import offline_frame_windows
 from .renderer import AvatarRenderer
-from .streaming_whisper import offline_features
 from .timing import FPS, SAMPLE_RATE, num_frames
 
 AAC_BITRATE = 128_000
@@ -57,7 +57,7 @@ def _original_audio(path: Path) -> tuple[np.ndarray, int]:
 
 def render_clip(
     renderer: AvatarRenderer,
-    encoder: AudioEncoder,
+    clip_features: Callable[[np.ndarray], np.ndarray],
     audio_path: str | Path,
     out_path: str | Path,
     *,
@@ -69,7 +69,7 @@ def render_clip(
     n_frames = num_frames(len(audio16))
     if n_frames == 0:
         raise AudioSourceError(f"{audio_path}: shorter than one video frame (40 ms)")
-    features = offline_features(encoder, audio16)
+    features = clip_features(audio16)
     windows = offline_frame_windows(features, n_frames)
     t_features = time.perf_counter()
 

@@ -6,9 +6,12 @@ A server holds one Runtime and creates an AvatarSession per connection from it; 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
+
+import numpy as np
 from pathlib import Path
 
 import torch
@@ -26,9 +29,25 @@ from .avatar import (
 from .models.base import RendererModel
 from .models.registry import load_model
 from .renderer import AvatarRenderer, silence_window
+from .streaming_whisper import LOW_LATENCY, StreamingConfig, offline_features, stream_features
 from .whisper_weights import load_whisper
 
 log = logging.getLogger(__name__)
+
+
+def model_streaming_config(model: RendererModel) -> tuple[StreamingConfig, bool]:
+    """The encoder setting a model was trained with, and whether it wants offline features.
+
+    Our compact models record the live setting they were trained on in their notes; MuseTalk was
+    trained on offline (whole-segment) features, so live sessions use the parity setting
+    (4 s windows, 0.5 s lookahead) and offline renders use the offline pass itself.
+    """
+    notes = getattr(model, "notes", {}) or {}
+    if "streaming" in notes:
+        return StreamingConfig(**json.loads(notes["streaming"])), False
+    if model.model_id.startswith("musetalk"):
+        return StreamingConfig(), True
+    return LOW_LATENCY, False
 
 
 @dataclass
@@ -37,6 +56,15 @@ class Runtime:
     model: RendererModel
     avatar: Avatar
     renderer: AvatarRenderer
+
+    @property
+    def streaming(self) -> StreamingConfig:
+        return model_streaming_config(self.model)[0]
+
+    def clip_features(self, audio16k: np.ndarray) -> np.ndarray:
+        """Features of a whole clip, computed the way the model was trained to hear them."""
+        config, offline = model_streaming_config(self.model)
+        return offline_features(self.encoder, audio16k) if offline else stream_features(self.encoder, audio16k, config)
 
     def describe(self) -> str:
         a = self.avatar
