@@ -165,6 +165,38 @@ def cmd_render(args) -> int:
     return 0
 
 
+# -- serve ---------------------------------------------------------------------------------------
+
+
+def _session_factory(runtime, args):
+    from .session import AvatarSession, SessionConfig
+
+    config = SessionConfig(streaming=runtime.streaming, batch_size=args.session_batch)
+
+    async def factory():
+        return AvatarSession(runtime.encoder, runtime.renderer, config)
+
+    return factory, config
+
+
+def cmd_serve(args) -> int:
+    """Serve the avatar over WebRTC: open the printed address in a browser and speak."""
+    from .server import run_server
+
+    runtime = _runtime(args)
+    factory, config = _session_factory(runtime, args)
+    print(f"model {runtime.model.model_id}, avatar {runtime.avatar.path.name}, encoder window "
+          f"{config.streaming.window_s:g} s / hop {config.streaming.hop_s:g} s / lookahead "
+          f"{config.streaming.lookahead_s:g} s, output delay {1000 * config.output_delay_s:.0f} ms", file=sys.stderr)
+    print(f"open http://{args.host}:{args.port}/ in a browser (Ctrl+C to stop)", file=sys.stderr)
+    try:
+        asyncio.run(run_server(args.host, args.port, session_factory=factory,
+                               max_sessions=args.max_sessions, token=args.token))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 # -- main -----------------------------------------------------------------------------------------
 
 
@@ -202,6 +234,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _model_args(p)
     p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("serve", help="serve the avatar over WebRTC (browser page, /offer, WHIP, /metrics)",
+                       description=cmd_serve.__doc__)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--max-sessions", type=int, default=4, help="concurrent sessions before 503 (default 4)")
+    p.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' (the page takes ?token=)")
+    p.add_argument("--session-batch", type=int, default=4,
+                   help="frames per model call in live sessions (default 4: 160 ms of video)")
+    _model_args(p)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
