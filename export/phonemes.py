@@ -10,7 +10,8 @@ re-entrant: every call goes through one lock.
 Some of that state (the waveform generator's) survives espeak_Terminate and shifts the output
 by a few samples depending on what was spoken before. So that an utterance depends only on
 its arguments (the training-data generator is deterministic from a seed), every call loads
-the library afresh and unloads it afterwards (~2 ms).
+the library afresh and unloads it afterwards (~2 ms). Voice variants with breath noise
+('+f2', '+f4', ...) draw from the C library's rand(): it is seeded before each call.
 
 The struct layouts and constants follow espeak-ng's speak_lib.h (API revision 12).
 """
@@ -213,6 +214,7 @@ class _Espeak:
         if lib.espeak_SetParameter(espeakPITCH, pitch, 0) != EE_OK:
             raise EspeakError(f"espeak-ng rejected pitch {pitch}")
         self._chunks, self._events = [], []
+        _libc.srand(RAND_SEED)  # breath noise of some voice variants comes from rand()
         data = text.encode("utf-8") + b"\0"
         status = lib.espeak_Synth(data, len(data), 0, POS_CHARACTER, 0, espeakCHARS_UTF8, None, None)
         if status != EE_OK:
@@ -223,6 +225,9 @@ class _Espeak:
 
 
 _lock = threading.Lock()
+_libc = ctypes.CDLL(None)  # the process's C library: espeak-ng calls its rand()
+_libc.srand.argtypes = [ctypes.c_uint]
+RAND_SEED = 22050
 
 
 def phonemes_from_events(events: list[tuple[float, str]], duration_s: float) -> list[Phoneme]:
