@@ -252,7 +252,9 @@ SENTENCES: dict[str, tuple[str, ...]] = {
 HELDOUT_SENTENCE_EVERY = 10  # sentence index % 10 == 9 is held out, in every language
 
 TRAIN_VOICES: dict[str, tuple[str, ...]] = {
-    "en": ("en-us", "en-us+f2", "en-us+m3", "en", "en+f3", "en+m1", "en-gb-x-rp", "en-029", "en-gb-x-gbclan"),
+    "en": (
+        "en-us", "en-us+f2", "en-us+m3", "en", "en+f3", "en+m1", "en-gb-x-rp", "en-029", "en-gb-x-gbclan",
+    ),
     "de": ("de", "de+f2"),
     "fr": ("fr", "fr+f3"),
     "es": ("es", "es+m2"),
@@ -398,9 +400,9 @@ def plan_augmentation(rng: np.random.Generator) -> Augmentation:
         roll_deg=float(rng.uniform(-FACE_ROLL_DEG, FACE_ROLL_DEG)),
         sway_roll_deg=float(rng.uniform(*SWAY_ROLL_DEG)),
         sway_shift=pair(*SWAY_SHIFT),
-        sway_periods_s=tuple(float(rng.uniform(*SWAY_PERIOD_S)) for _ in range(3)),  # type: ignore[arg-type]
+        sway_periods_s=tuple(float(rng.uniform(*SWAY_PERIOD_S)) for _ in range(3)),  # type: ignore
         sway_phases=tuple(float(rng.uniform(0, 2 * np.pi)) for _ in range(3)),  # type: ignore[arg-type]
-        box_jitter=tuple(float(rng.uniform(-BOX_JITTER, BOX_JITTER)) for _ in range(4)),  # type: ignore[arg-type]
+        box_jitter=tuple(float(rng.uniform(-BOX_JITTER, BOX_JITTER)) for _ in range(4)),  # type: ignore
         gains=tuple(float(rng.uniform(*GAIN_RANGE)) for _ in range(3)),  # type: ignore[arg-type]
         contrast=float(rng.uniform(*CONTRAST_RANGE)),
         brightness=float(rng.uniform(*BRIGHTNESS_RANGE)),
@@ -416,7 +418,9 @@ def plan_augmentation(rng: np.random.Generator) -> Augmentation:
 # ---------------------------------------------------------------- pure pieces
 
 
-def head_pose(aug: Augmentation, t: float, frame_shape: tuple[int, int], centre: np.ndarray) -> np.ndarray:
+def head_pose(
+    aug: Augmentation, t: float, frame_shape: tuple[int, int], centre: np.ndarray
+) -> np.ndarray:
     """[2, 3] similarity: source-photo pixel -> virtual video frame pixel at time t (seconds).
 
     The face (around `centre`) is scaled, rolled and moved; the sway adds slow sinusoidal roll
@@ -440,13 +444,17 @@ def invert(affine: np.ndarray) -> np.ndarray:
     return cv2.invertAffineTransform(affine)
 
 
-def jitter_box(box: tuple[int, int, int, int], jitter: tuple[float, float, float, float]) -> tuple[int, int, int, int]:
+Box = tuple[int, int, int, int]
+
+
+def jitter_box(box: Box, jitter: tuple[float, float, float, float]) -> Box:
+    """Move a box by jitter[:2] and scale it by 1 + jitter[2:], all in units of its size."""
     x1, y1, x2, y2 = box
     w, h = x2 - x1, y2 - y1
     cx = (x1 + x2) / 2 + jitter[0] * w
     cy = (y1 + y2) / 2 + jitter[1] * h
     w, h = w * (1 + jitter[2]), h * (1 + jitter[3])
-    return (int(round(cx - w / 2)), int(round(cy - h / 2)), int(round(cx + w / 2)), int(round(cy + h / 2)))
+    return tuple(int(round(v)) for v in (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2))  # type: ignore
 
 
 def colour_lut(aug: Augmentation) -> np.ndarray:
@@ -567,8 +575,12 @@ class ClipGenerator:
             face_index=face_index,
         )
 
-    def render_frames(self, face_index: int, curves: VisemeCurves, aug: Augmentation) -> tuple[np.ndarray, np.ndarray]:
-        face, canvas, teacher = self.faces[face_index], self._canvases[face_index], self._teachers[face_index]
+    def render_frames(
+        self, face_index: int, curves: VisemeCurves, aug: Augmentation
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The clip's 256x256 crops [n, 256, 256, 3] and face boxes [n, 4]."""
+        face, canvas = self.faces[face_index], self._canvases[face_index]
+        teacher = self._teachers[face_index]
         frame_shape = face.photo.shape[:2]
         points = face.landmarks.points.astype(np.float64)
         centre = (points[10] + points[152]) / 2  # forehead to chin midpoint
@@ -587,7 +599,8 @@ class ClipGenerator:
             to_box = compose(np.array([[1.0, 0, -x1], [0, 1.0, -y1]]), compose(pose, canvas_to_source))
             rendered = teacher.render(curves.at(i))
             cut = cv2.warpAffine(
-                rendered, to_box, (x2 - x1, y2 - y1), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT
+                rendered, to_box, (x2 - x1, y2 - y1), flags=cv2.INTER_LINEAR,
+                borderMode=cv2.BORDER_REFLECT,
             )
             crop = cv2.resize(cut, (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_LANCZOS4)
             frames[i] = apply_colour(crop, lut, light, aug)
@@ -595,7 +608,8 @@ class ClipGenerator:
         if aug.mirror:
             frames = np.ascontiguousarray(frames[:, :, ::-1])
             w = frame_shape[1]
-            boxes = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], axis=1).astype(np.int32)
+            boxes = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], axis=1)
+            boxes = boxes.astype(np.int32)
         return frames, boxes
 
 

@@ -174,8 +174,8 @@ def measure_mouth(points: np.ndarray) -> MouthShape:
     if not eye_line < nose_line < 0:
         raise ValueError("landmarks are not a face: the eyes, nose and mouth are out of order")
     return MouthShape(
-        frame, half_width, face_height, upper[:, 0], upper[:, 1], lower[:, 0], lower[:, 1], lip_thickness,
-        eye_line, nose_line,
+        frame, half_width, face_height, upper[:, 0], upper[:, 1], lower[:, 0], lower[:, 1],
+        lip_thickness, eye_line, nose_line,
     )
 
 
@@ -194,15 +194,19 @@ class PoseGeometry:
 
 def pose_geometry(shape: MouthShape, pose: MouthPose) -> PoseGeometry:
     h = shape.face_height
-    open_part = (JAW_GAP * pose.jaw + ROUND_GAP * pose.round * (1.0 - pose.jaw)) * (1.0 - pose.labiodental)
+    open_part = JAW_GAP * pose.jaw + ROUND_GAP * pose.round * (1.0 - pose.jaw)
+    open_part *= 1.0 - pose.labiodental
     gap = h * (open_part + LABIODENTAL_GAP * pose.labiodental) * (1.0 - pose.closure)
     widen = shape.half_width * (SPREAD_WIDEN * pose.spread - ROUND_NARROW * pose.round)
     exponent = float(np.clip(0.6 + 0.3 * pose.spread - 0.2 * pose.round, 0.3, 1.0))
-    thicken = ROUND_THICKEN * pose.round - CLOSURE_PRESS * pose.closure - LABIODENTAL_TUCK * pose.labiodental
+    thicken = (
+        ROUND_THICKEN * pose.round - CLOSURE_PRESS * pose.closure - LABIODENTAL_TUCK * pose.labiodental
+    )
     flatten = ROUND_FLATTEN * pose.round + JAW_FLATTEN * pose.jaw
     opening_half_width = (shape.half_width + widen) * (1.0 - ROUND_PUCKER * pose.round)
     return PoseGeometry(
-        gap, widen, opening_half_width, exponent, LABIODENTAL_RAISE * h * pose.labiodental, thicken, flatten
+        gap, widen, opening_half_width, exponent, LABIODENTAL_RAISE * h * pose.labiodental,
+        thicken, flatten,
     )
 
 
@@ -211,7 +215,9 @@ def _smooth_sign(y: np.ndarray, width: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(y / width))
 
 
-def displace(shape: MouthShape, pose: MouthPose, local: np.ndarray, side: np.ndarray | None = None) -> np.ndarray:
+def displace(
+    shape: MouthShape, pose: MouthPose, local: np.ndarray, side: np.ndarray | None = None
+) -> np.ndarray:
     """Move points given in mouth-frame pixels [k, 2] to where the pose puts them.
 
     side: optional per point, 0 = upper lip, 1 = lower lip, nan = decide from the position
@@ -306,7 +312,8 @@ def face_mesh_triangles() -> np.ndarray:
 
 def _signed_areas(points: np.ndarray, triangles: np.ndarray) -> np.ndarray:
     p0, p1, p2 = (points[triangles[:, k]] for k in range(3))
-    return 0.5 * ((p1[:, 0] - p0[:, 0]) * (p2[:, 1] - p0[:, 1]) - (p2[:, 0] - p0[:, 0]) * (p1[:, 1] - p0[:, 1]))
+    e1, e2 = p1 - p0, p2 - p0
+    return 0.5 * (e1[:, 0] * e2[:, 1] - e2[:, 0] * e1[:, 1])
 
 
 def _drop_non_faces(points: np.ndarray, triangles: np.ndarray) -> np.ndarray:
@@ -457,12 +464,15 @@ class FaceCanvas:
     from_source: np.ndarray  # [2, 3] similarity: source pixel -> canvas pixel
 
 
-def face_canvas(image_bgr: np.ndarray, landmarks: FaceLandmarks, face_height_px: int = FACE_HEIGHT_PX) -> FaceCanvas:
+def face_canvas(
+    image_bgr: np.ndarray, landmarks: FaceLandmarks, face_height_px: int = FACE_HEIGHT_PX
+) -> FaceCanvas:
     """Scale, rotate and crop `image_bgr` so that the face is upright, centred and face_height_px
     tall (forehead landmark 10 to chin 152). The landmarks are carried over exactly."""
     if tuple(landmarks.image_shape) != image_bgr.shape[:2]:
         raise ValueError(
-            f"landmarks were found in a {landmarks.image_shape} image but the image is {image_bgr.shape[:2]}"
+            f"landmarks were found in a {landmarks.image_shape} image but the image is "
+            f"{image_bgr.shape[:2]}: detect them on this image (or transform them)"
         )
     points = landmarks.points.astype(np.float64)
     top, chin = points[FOREHEAD_TOP], points[CHIN]
@@ -475,7 +485,9 @@ def face_canvas(image_bgr: np.ndarray, landmarks: FaceLandmarks, face_height_px:
     centre = (top + chin) / 2
     m = cv2.getRotationMatrix2D((float(centre[0]), float(centre[1])), -angle, face_height_px / height)
     m[:, 2] += np.array([side / 2, side / 2]) - centre
-    canvas = cv2.warpAffine(image_bgr, m, (side, side), flags=cv2.INTER_LANCZOS4, borderMode=cv2.BORDER_REFLECT)
+    canvas = cv2.warpAffine(
+        image_bgr, m, (side, side), flags=cv2.INTER_LANCZOS4, borderMode=cv2.BORDER_REFLECT
+    )
     moved = (points @ m[:, :2].T + m[:, 2]).astype(np.float32)
     return FaceCanvas(canvas, FaceLandmarks(moved, (side, side), landmarks.faces_found), m)
 
@@ -519,7 +531,10 @@ class MouthTeacher:
 
     def __init__(self, face_image_bgr: np.ndarray, landmarks: FaceLandmarks):
         if face_image_bgr.ndim != 3 or face_image_bgr.shape[2] != 3 or face_image_bgr.dtype != np.uint8:
-            raise ValueError(f"MouthTeacher needs a uint8 HxWx3 BGR image, got {face_image_bgr.shape} {face_image_bgr.dtype}")
+            raise ValueError(
+                "MouthTeacher needs a uint8 HxWx3 BGR image, got "
+                f"{face_image_bgr.shape} {face_image_bgr.dtype}"
+            )
         if tuple(landmarks.image_shape) != face_image_bgr.shape[:2]:
             raise ValueError(
                 f"landmarks were found in a {landmarks.image_shape} image but the face image is "
@@ -596,14 +611,16 @@ class MouthTeacher:
         top = np.interp(mx, up[:, 0], up[:, 1], left=np.inf, right=np.inf)
         bottom = np.interp(mx, lo[:, 0], lo[:, 1], left=-np.inf, right=-np.inf)
         inside_span = np.isfinite(top)
-        gap = np.where(inside_span, np.maximum(bottom - top, 0.0), 0.0)
+        top_f, bottom_f = np.where(inside_span, top, 0.0), np.where(inside_span, bottom, 0.0)
+        gap = np.maximum(bottom_f - top_f, 0.0)
         flat = out[y0:y1, x0:x1].reshape(-1, 3).astype(np.float32)
         opened = np.clip(gap / FILL_FADE_PX, 0, 1)
 
         # Where the lips touch, the line between them is a little darker.
         span = np.clip(1.0 - (mx / max(float(up[-1, 0] - up[0, 0]) / 2, 1.0)) ** 2, 0, 1)
-        mid = np.where(inside_span, (np.where(inside_span, top, 0) + np.where(inside_span, bottom, 0)) / 2, 1e6)
-        line = LIP_LINE_DARKEN * np.exp(-(((my - mid) / LIP_LINE_WIDTH_PX) ** 2)) * (1 - opened) * np.sqrt(span)
+        mid = np.where(inside_span, (top_f + bottom_f) / 2, 1e6)
+        line = LIP_LINE_DARKEN * np.exp(-(((my - mid) / LIP_LINE_WIDTH_PX) ** 2))
+        line *= (1 - opened) * np.sqrt(span)
         flat *= 1.0 - line[:, None]
 
         # Anti-aliased inside test, faded where the lips (nearly) touch.
@@ -616,7 +633,13 @@ class MouthTeacher:
         out[y0:y1, x0:x1] = np.clip(flat, 0, 255).astype(np.uint8).reshape(y1 - y0, x1 - x0, 3)
 
     def _mouth_colour(
-        self, mx: np.ndarray, my: np.ndarray, top: np.ndarray, bottom: np.ndarray, gap: np.ndarray, pose: MouthPose
+        self,
+        mx: np.ndarray,
+        my: np.ndarray,
+        top: np.ndarray,
+        bottom: np.ndarray,
+        gap: np.ndarray,
+        pose: MouthPose,
     ) -> np.ndarray:
         """Colour of inner-mouth pixels (mouth-frame coordinates, with the lip edges above and
         below each one)."""
@@ -632,12 +655,14 @@ class MouthTeacher:
         tongue_h = TONGUE_HEIGHT * gap * np.clip(1.0 - (mx / (0.75 * a)) ** 2, 0, 1)
         tongue = np.clip((my - (bottom - tongue_h)) / np.maximum(0.3 * tongue_h, 0.5), 0, 1)
         tongue *= np.clip((gap - 0.03 * shape.face_height) / (0.03 * shape.face_height), 0, 1)
-        colour = colour * (1 - tongue[:, None]) + (TONGUE_BGR * (0.55 + 0.25 * depth[:, None])) * tongue[:, None]
+        tongue_rgb = TONGUE_BGR * (0.55 + 0.25 * depth[:, None])
+        colour = colour * (1 - tongue[:, None]) + tongue_rgb * tongue[:, None]
 
         # Lower incisors: a thin light band above the lower lip when wide open.
         lower_h = LOWER_TEETH_HEIGHT * shape.face_height * np.clip((pose.jaw - 0.6) / 0.3, 0, 1)
         lower_h = lower_h * np.clip(1.0 - (mx / (0.55 * a)) ** 2, 0, 1)
-        lower_teeth = LOWER_TEETH_ALPHA * np.clip((my - (bottom - lower_h)) + 0.5, 0, 1) * (lower_h > 0.3)
+        lower_teeth = np.clip((my - (bottom - lower_h)) + 0.5, 0, 1) * (lower_h > 0.3)
+        lower_teeth *= LOWER_TEETH_ALPHA
         lower_rgb = 0.7 * self.teeth.colour + 0.3 * TONGUE_BGR
         colour = colour * (1 - lower_teeth[:, None]) + lower_teeth[:, None] * lower_rgb * 0.75
 
@@ -712,7 +737,8 @@ def preview_sheet(text: str = "Bob, move the blue map for Father.", voice: str =
         if frame is None:
             label = "silence"
         else:
-            said = [p.symbol for p in utterance.phonemes if p.start_s < (frame + 1) / FPS and p.end_s > frame / FPS]
+            t0, t1 = frame / FPS, (frame + 1) / FPS
+            said = [p.symbol for p in utterance.phonemes if p.start_s < t1 and p.end_s > t0]
             label = f"{frame}: {' '.join(said)}"
         cv2.putText(tile, label, (4, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 3, cv2.LINE_AA)
         cv2.putText(tile, label, (4, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)

@@ -130,7 +130,8 @@ def test_bad_requests_raise_clear_errors():
 
 def test_concurrent_calls_are_serialised_and_deterministic():
     # '+f2' breathes: its noise comes from the C library's rand(), seeded per call.
-    jobs = [("Hello there.", "en"), ("Guten Tag.", "de"), ("Hola amigo.", "es"), ("Who?", "en-us+f2")] * 2
+    jobs = [("Hello there.", "en"), ("Guten Tag.", "de"), ("Hola amigo.", "es"), ("Who?", "en-us+f2")]
+    jobs *= 2
     serial = [synthesize(text, voice=voice) for text, voice in jobs]
     results: list = [None] * len(jobs)
 
@@ -217,7 +218,11 @@ def test_silence_is_the_closed_neutral_mouth():
 def test_frame_i_covers_its_own_40ms():
     # A vowel held over frames 10..14 exactly: open there, shut well outside.
     frame_s = 1.0 / FPS
-    phonemes = [Phoneme(0.0, 10 * frame_s, "_"), Phoneme(10 * frame_s, 15 * frame_s, "a"), Phoneme(15 * frame_s, 1.0, "_")]
+    phonemes = [
+        Phoneme(0.0, 10 * frame_s, "_"),
+        Phoneme(10 * frame_s, 15 * frame_s, "a"),
+        Phoneme(15 * frame_s, 1.0, "_"),
+    ]
     jaw = viseme_curves(phonemes, 25).jaw
     assert np.all(jaw[11:14] > 0.9)
     assert jaw[10] > 0.6 and jaw[14] > 0.6
