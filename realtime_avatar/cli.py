@@ -197,6 +197,68 @@ def cmd_serve(args) -> int:
     return 0
 
 
+# -- live (microphone) ----------------------------------------------------------------------------
+
+
+async def run_live(runtime, config, device=None, seconds: float | None = None, record: Path | None = None,
+                   report_every: float = 1.0) -> dict:
+    """Microphone -> avatar on this machine; optionally records the session to an MP4."""
+    from .audio_sources import MicrophoneSource
+    from .recorder import Mp4Recorder
+    from .session import AvatarSession
+
+    session = AvatarSession(runtime.encoder, runtime.renderer, config)
+    recorder = None
+    if record is not None:
+        height, width = runtime.avatar.frame_shape[:2]
+        recorder = Mp4Recorder(record, width, height)
+        session.on_tick = lambda n, frame, image, pcm: recorder.write(image, pcm)
+    mic = MicrophoneSource(session.ring, device=device)
+    await session.start()
+    mic.start()
+    loop = asyncio.get_running_loop()
+    t_end = None if seconds is None else loop.time() + seconds
+    try:
+        while t_end is None or loop.time() < t_end:
+            await asyncio.sleep(report_every)
+            s = session.stats()
+            print(f"\r  heard {s['input_seconds']:7.1f} s  fps {s['fps']:5.1f}  rendered {s['rendered_frames']:6d}  "
+                  f"late {s['late_frames']:4d}  latency {s['latency_ms'] or 0:6.0f} ms", end="", file=sys.stderr)
+    finally:
+        print(file=sys.stderr)
+        mic.stop()
+        session.end_of_input()
+        await asyncio.sleep(config.output_delay_s + 0.2)  # let the last words play out
+        stats = session.stats()
+        stats["microphone"] = mic.stats()
+        await session.close()
+        if recorder is not None:
+            await asyncio.to_thread(recorder.close)
+            stats["recorded_frames"], stats["recording_dropped"] = recorder.frames, recorder.dropped
+    return stats
+
+
+def cmd_live(args) -> int:
+    """Microphone -> avatar on this machine (PortAudio), recorded to an MP4 when --record is given."""
+    from .audio_sources import list_input_devices
+    from .session import SessionConfig
+
+    if args.list_devices:
+        for d in list_input_devices():
+            print(f"{d.index:3d}  {d.name}  ({d.hostapi}, {d.max_input_channels} ch, {d.default_samplerate:.0f} Hz)")
+        return 0
+    runtime = _runtime(args)
+    config = SessionConfig(streaming=runtime.streaming, batch_size=args.session_batch)
+    device = int(args.device) if args.device is not None and args.device.isdigit() else args.device
+    print("listening: speak into the microphone (Ctrl+C to stop)", file=sys.stderr)
+    try:
+        stats = asyncio.run(run_live(runtime, config, device, args.seconds, Path(args.record) if args.record else None))
+    except KeyboardInterrupt:
+        return 0
+    print(json.dumps(stats, indent=2))
+    return 0
+
+
 # -- main -----------------------------------------------------------------------------------------
 
 
@@ -245,6 +307,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frames per model call in live sessions (default 4: 160 ms of video)")
     _model_args(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("live", help="microphone -> avatar on this machine, optionally recorded to MP4",
+                       description=cmd_live.__doc__)
+    p.add_argument("--mic", action="store_true", help="use the microphone (the default and only live input)")
+    p.add_argument("--device", default=None, help="input device index or name (see --list-devices)")
+    p.add_argument("--list-devices", action="store_true", help="list input devices and exit")
+    p.add_argument("--seconds", type=float, default=None, help="stop after this many seconds (default: Ctrl+C)")
+    p.add_argument("--record", default=None, help="write the avatar video with its audio to this MP4")
+    p.add_argument("--session-batch", type=int, default=4, help="frames per model call (default 4)")
+    _model_args(p)
+    p.set_defaults(func=cmd_live)
     return parser
 
 
