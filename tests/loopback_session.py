@@ -75,7 +75,7 @@ class LevelVideoTrack(MediaStreamTrack):
         if self.readyState != "live":
             raise MediaStreamError
         await self._pacer.wait(self.frames_sent)
-        gain = 0.25 + 0.75 * min(1.0, self._session.level / FULL_SCALE_RMS)
+        gain = 0.5 + 0.5 * min(1.0, self._session.level / FULL_SCALE_RMS)
         frame = av.VideoFrame.from_ndarray((self._image * gain).astype(np.uint8), format="rgb24")
         frame.pts = self.frames_sent * VIDEO_TICKS_PER_FRAME
         frame.time_base = VIDEO_TIME_BASE

@@ -12,7 +12,8 @@ const startButton = document.getElementById("start");
 const interruptButton = document.getElementById("interrupt");
 const statusText = document.getElementById("status");
 
-const avatar = (window.avatar = { state: "idle", sessionId: null, stats: {}, server: null, error: null });
+// timings: ms since Start for ICE gathered, answer applied, first avatar frame shown
+const avatar = (window.avatar = { state: "idle", sessionId: null, stats: {}, server: null, error: null, timings: {} });
 let pc = null;
 let mic = null;
 let statsTimer = null;
@@ -48,6 +49,10 @@ function waitForIceGathering(peer, timeoutMs) {
 async function start() {
   startButton.disabled = true;
   avatar.error = null;
+  const t0 = performance.now();
+  const mark = (name) => (avatar.timings[name] = Math.round(performance.now() - t0));
+  avatar.timings = {};
+  video.addEventListener("loadeddata", () => mark("firstFrame"), { once: true });
   try {
     setState("starting", "microphone");
     // Raw microphone: the browser's echo cancellation, noise suppression and gain control
@@ -74,6 +79,7 @@ async function start() {
     await pc.setLocalDescription(await pc.createOffer());
     const complete = await waitForIceGathering(pc, ICE_GATHERING_TIMEOUT_MS);
     if (!complete) console.warn("ICE gathering did not complete; sending the candidates found so far");
+    mark("iceGathered");
 
     setState("starting", "waiting for the answer");
     const response = await fetch("offer", {
@@ -85,6 +91,7 @@ async function start() {
     if (!response.ok) throw new Error(body.error || `server answered ${response.status}`);
     avatar.sessionId = body.session_id;
     await pc.setRemoteDescription({ sdp: body.sdp, type: body.type });
+    mark("answered");
 
     setState("streaming");
     startButton.textContent = "Stop";
