@@ -21,8 +21,10 @@ The photo's own mouth state does not matter: pose (0, 0, 0, 0, 0) is the closed,
 mouth, built by closing the lips onto a line between the photo's inner contours (the
 astronaut photo smiles with her teeth showing).
 
-Works on any image size; the dataset renders in an upsampled face crop (~250 px face height)
-and resamples the result once into the 256x256 training crop.
+Works on any image with a face >= ~100 px tall. The dataset renders on a `face_canvas`: the
+photo rotated upright and resampled so that the face (landmark 10 to 152) is 200 px tall,
+about the 256x256 MuseTalk crop's own scale (the astronaut's mouth, 43 px wide in the 512 px
+photo, is ~80 px there), then resamples each frame once into its 256x256 crop.
 """
 
 from __future__ import annotations
