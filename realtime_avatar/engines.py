@@ -754,12 +754,13 @@ def load_onnx_backend(
     *,
     precision: str | None = None,
     build_missing: bool = True,
+    rebuild: bool = False,
     threads: int | None = None,
     providers: Sequence[str] | None = None,
 ) -> BackendModel:
     """ONNX Runtime render backend for `model`: the cached engine, built first if missing or
-    stale (when build_missing), checked by the accuracy gate. Raises BackendUnavailable,
-    EngineBuildError or EngineRejected."""
+    stale (when build_missing) or when `rebuild`, checked by the accuracy gate. Raises
+    BackendUnavailable, EngineBuildError or EngineRejected."""
     if onnxruntime_version() is None:
         raise BackendUnavailable("onnxruntime is not installed: pip install 'realtime-avatar[cpu]' (or [gpu])")
     precision = _resolve_precision(precision, _ort_gpu_usable(providers))
@@ -787,7 +788,7 @@ def load_onnx_backend(
 
     with _build_lock(folder):
         manifest = EngineManifest.read(folder)
-        stale = stale_reason(manifest, folder, key)
+        stale = "rebuild requested" if rebuild else stale_reason(manifest, folder, key)
         if stale is not None:
             if not build_missing:
                 raise BackendUnavailable(
@@ -818,6 +819,7 @@ def load_tensorrt_backend(
     precision: str | None = None,
     batch_size: int = DEFAULT_BATCH,
     build_missing: bool = True,
+    rebuild: bool = False,
 ) -> BackendModel:
     """TensorRT render backend with a static batch profile of `batch_size`. Raises
     BackendUnavailable on machines without TensorRT or a CUDA GPU."""
@@ -853,7 +855,7 @@ def load_tensorrt_backend(
 
     with _build_lock(folder):
         manifest = EngineManifest.read(folder)
-        stale = stale_reason(manifest, folder, key)
+        stale = "rebuild requested" if rebuild else stale_reason(manifest, folder, key)
         if stale is not None:
             if not build_missing:
                 raise BackendUnavailable(

@@ -328,3 +328,30 @@ def test_onnx_matches_torch_musetalk_reduced_width(musetalk, tmp_path):
     assert engine.backend_name == "onnx" and engine.gate.passed
     for batch, seed in ((1, 22), (3, 23)):
         assert_matches_torch(musetalk, engine, batch, seed)
+
+
+# ------------------------------------------------------------------------------ build CLI
+
+
+def test_build_engines_cli_builds_gates_and_times_an_onnx_engine(tmp_path, capsys):
+    from export.build_engines import main
+
+    argv = ["--model", "default", "--allow-random", "--backend", "onnx", "--batch", "1,2",
+            "--engines-dir", str(tmp_path), "--seconds", "0.05", "--runs", "1"]
+    with pytest.warns(RuntimeWarning, match="RANDOM WEIGHTS"):
+        assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert [row["batch"] for row in report["results"]] == [1, 2]
+    for row in report["results"]:
+        assert row["gate"]["passed"] and row["engine_patches_per_s"] > 0 and row["torch_patches_per_s"] > 0
+    manifests = list(tmp_path.glob(f"{report['model']}-{report['weights_hash'][:12]}/onnx-fp32-bdyn/manifest.json"))
+    assert len(manifests) == 1
+
+
+def test_build_engines_cli_tensorrt_here_exits_with_a_clear_message(tmp_path, capsys):
+    if tensorrt_unavailable_reason() is None:
+        pytest.skip("TensorRT and a GPU are present")
+    from export.build_engines import EXIT_UNAVAILABLE, main
+
+    assert main(["--backend", "tensorrt", "--engines-dir", str(tmp_path)]) == EXIT_UNAVAILABLE
+    assert "TensorRT is not installed / no CUDA GPU: use --backend onnx or torch" in capsys.readouterr().err
