@@ -311,13 +311,15 @@ def onnxruntime_version() -> str | None:
     return onnxruntime.__version__
 
 
-def ort_session_options(threads: int | None = None):
+def ort_session_options(threads: int | None = None, *, spin: bool = False):
     """Settings that make ORT fast on a few CPU cores (measured: benchmarks/bench_backends.py).
 
     intra-op threads = cores (one op at a time, split across the cores); no inter-op pool and
     sequential execution (the graph is a chain: parallel branches would only oversubscribe);
     all graph optimisations (conv+activation fusion, constant folding, NCHWc layouts).
-    Spinning worker threads stay on: turning them off cost ~10% at batch 1 here.
+    Worker threads do not spin while waiting: the renderer shares the cores with Whisper,
+    the event loop and the video encoder, and spinning threads steal their time slices
+    (measured with other work on the cores: 1.4-1.8x fewer patches/s with spinning).
     """
     import onnxruntime as ort
 
@@ -326,6 +328,7 @@ def ort_session_options(threads: int | None = None):
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     options.log_severity_level = 3  # errors only: ORT warns about every unused initializer
     return options
 
@@ -350,14 +353,21 @@ def requested_ort_providers(providers: Sequence[str] | None = None) -> list[str]
 class OnnxRuntimeRunner:
     """One ORT InferenceSession on a model.onnx (dynamic batch)."""
 
-    def __init__(self, path: Path, *, providers: Sequence[str] | None = None, threads: int | None = None):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+        spin: bool = False,
+    ):
         import onnxruntime as ort
 
         self.path = Path(path)
         self.requested_providers = requested_ort_providers(providers)
         try:
             self.session = ort.InferenceSession(
-                str(self.path), ort_session_options(threads), providers=self.requested_providers
+                str(self.path), ort_session_options(threads, spin=spin), providers=self.requested_providers
             )
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
             raise EngineBuildError(f"{self.path}: ONNX Runtime cannot load it ({exc})") from exc
@@ -892,7 +902,8 @@ def select_backend(
 
     backend: "auto" | "tensorrt" | "onnx" | "torch". An explicit engine backend that cannot
     run raises (BackendUnavailable, EngineBuildError, EngineRejected); "auto" tries
-    tensorrt, then onnx, then falls back to torch, and logs what it chose and why.
+    tensorrt, then onnx (skipped when ONNX Runtime would run on the CPU while the model is on
+    a GPU), then falls back to torch, and logs what it chose and why.
     precision: engine precision, default fp16 on a GPU and fp32 on CPU. batch_size: the
     static TensorRT profile (use the renderer's batch size). threads: ORT CPU threads
     (default: the cores this process may use). engines_dir: default $REALTIME_AVATAR_ENGINES,
@@ -910,6 +921,17 @@ def select_backend(
             model, engines_dir, precision=precision, build_missing=build_missing, threads=threads
         ),
     }
+    def onnx_if_not_slower() -> BackendModel:
+        # a model on a GPU renders faster in torch there than ONNX Runtime does on the CPU
+        on_gpu = _graph_device_dtype(render_graph(model))[0].type == "cuda"
+        cpu_only = "ONNX Runtime would run on the CPU while the model is on a GPU (torch there is faster)"
+        if on_gpu and not _ort_gpu_usable(None):
+            raise BackendUnavailable(cpu_only)
+        engine = loaders["onnx"]()
+        if on_gpu and not engine.runner.on_gpu:
+            raise BackendUnavailable(cpu_only + f": the session is on {engine.runner.provider}")
+        return engine
+
     if backend == "torch":
         chosen = torch_backend(model)
     elif backend != "auto":
@@ -918,9 +940,10 @@ def select_backend(
     else:
         skipped: list[str] = []
         chosen = None
+        auto_loaders = {"tensorrt": loaders["tensorrt"], "onnx": onnx_if_not_slower}
         for candidate in AUTO_ORDER:
             try:
-                chosen = loaders[candidate]()
+                chosen = auto_loaders[candidate]()
                 break
             except EngineError as exc:
                 skipped.append(f"{candidate}: {exc}")
