@@ -758,6 +758,37 @@ def _run_gate(model, runner, precision, batch, folder, backend) -> GateResult:
     return gate
 
 
+def _build_engine(
+    model: RendererModel,
+    key: EngineKey,
+    folder: Path,
+    engine_file: str,
+    *,
+    make_files: Callable[[Path], Any],
+    open_runner: Callable[[Path], EngineRunner],
+    gate_batch: int,
+) -> tuple[EngineManifest, EngineRunner, GateResult]:
+    """Make the engine files in a staging folder, move them into place, gate the engine there
+    and write its manifest last: a folder without one reads as "not built" (a crash halfway
+    leaves nothing that looks usable). Called under the engine's build lock."""
+    start = time.perf_counter()
+    staging = _staging_folder(folder)
+    try:
+        exported = make_files(staging)
+        _install(staging, folder)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    runner = open_runner(folder / engine_file)
+    gate = _run_gate(model, runner, key.precision, gate_batch, folder, key.backend)
+    manifest = _new_manifest(key, engine_file, exported, start, gate)
+    if isinstance(runner, OnnxRuntimeRunner):
+        manifest.extra["providers"] = runner.active_providers
+    manifest.write(folder)
+    log.info("built %s engine %s in %.1f s", key.backend, folder, manifest.build_seconds)
+    return manifest, runner, gate
+
+
 def load_onnx_backend(
     model: RendererModel,
     engines_dir: Path | None = None,
@@ -778,23 +809,16 @@ def load_onnx_backend(
     key = EngineKey(model.model_id, model.weights_hash(), "onnx", precision, DYNAMIC_PROFILE)
     folder = key.folder(root)
 
+    def open_runner(path: Path) -> OnnxRuntimeRunner:
+        return OnnxRuntimeRunner(path, providers=providers, threads=threads)
+
     def build() -> tuple[EngineManifest, OnnxRuntimeRunner, GateResult]:
-        start = time.perf_counter()
-        staging = _staging_folder(folder)
-        try:
-            exported = _export_onnx(model, staging / ONNX_FILE, precision)
-            runner = OnnxRuntimeRunner(staging / ONNX_FILE, providers=providers, threads=threads)
-            gate = _run_gate(model, runner, precision, GATE_BATCH, folder, "onnx")
-            manifest = _new_manifest(key, ONNX_FILE, exported, start, gate)
-            manifest.extra["providers"] = runner.active_providers
-            manifest.write(staging)
-            del runner  # the session holds the staging path; reopen it at its final place
-            _install(staging, folder)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging)
-        log.info("built ONNX engine %s in %.1f s", folder, manifest.build_seconds)
-        return manifest, OnnxRuntimeRunner(folder / ONNX_FILE, providers=providers, threads=threads), gate
+        return _build_engine(
+            model, key, folder, ONNX_FILE,
+            make_files=lambda staging: _export_onnx(model, staging / ONNX_FILE, precision),
+            open_runner=open_runner,
+            gate_batch=GATE_BATCH,
+        )
 
     with _build_lock(folder):
         manifest = EngineManifest.read(folder)
@@ -808,7 +832,7 @@ def load_onnx_backend(
             log.info("ONNX engine %s: %s; building it", folder, stale)
             manifest, runner, gate = build()
         else:
-            runner = OnnxRuntimeRunner(folder / ONNX_FILE, providers=providers, threads=threads)
+            runner = open_runner(folder / ONNX_FILE)
             gate = _run_gate(model, runner, precision, GATE_BATCH, folder, "onnx")
             if not gate.passed and manifest.gate_passed and build_missing:
                 # it passed when it was built: the file has changed or been damaged since
@@ -844,24 +868,20 @@ def load_tensorrt_backend(
     folder = key.folder(root)
     shapes = _tensorrt_input_shapes(model, batch_size)
 
+    def make_files(staging: Path):
+        exported = _export_onnx(model, staging / ONNX_FILE, precision)
+        build_tensorrt_engine(staging / ONNX_FILE, staging / TENSORRT_FILE, shapes)
+        for leftover in staging.glob(ONNX_FILE + "*"):  # the engine holds the weights now
+            leftover.unlink()
+        return exported
+
     def build() -> tuple[EngineManifest, TensorRTRunner, GateResult]:
-        start = time.perf_counter()
-        staging = _staging_folder(folder)
-        try:
-            exported = _export_onnx(model, staging / ONNX_FILE, precision)
-            build_tensorrt_engine(staging / ONNX_FILE, staging / TENSORRT_FILE, shapes)
-            for leftover in staging.glob(ONNX_FILE + "*"):  # the engine holds the weights now
-                leftover.unlink()
-            runner = TensorRTRunner(staging / TENSORRT_FILE, shapes)
-            gate = _run_gate(model, runner, precision, batch_size, folder, "tensorrt")
-            manifest = _new_manifest(key, TENSORRT_FILE, exported, start, gate)
-            manifest.write(staging)
-            _install(staging, folder)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging)
-        log.info("built TensorRT engine %s in %.1f s", folder, manifest.build_seconds)
-        return manifest, runner, gate
+        return _build_engine(
+            model, key, folder, TENSORRT_FILE,
+            make_files=make_files,
+            open_runner=lambda path: TensorRTRunner(path, shapes),
+            gate_batch=batch_size,
+        )
 
     with _build_lock(folder):
         manifest = EngineManifest.read(folder)
