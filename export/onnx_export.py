@@ -45,6 +45,7 @@ from realtime_avatar.models.base import RendererModel
 # protobuf cannot serialise a message over 2 GiB: bigger models (the full MuseTalk UNet is
 # 3.4 GB in fp32) keep their weights in one external file next to model.onnx
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
+INLINE_LIMIT_BYTES = int(PROTOBUF_LIMIT_BYTES * 0.9)  # weights above this go external: the graph adds some
 EXTERNAL_DATA_SUFFIX = ".data"
 EXPORT_BATCH = 2  # batch of the example inputs traced (any > 1, so no size-1 special cases)
 
@@ -92,10 +93,10 @@ def _tensor_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
-def save_onnx(model: onnx.ModelProto, path: Path) -> bool:
-    """Save `model` at `path`, weights in one `<name>.data` file when over the protobuf limit.
-    Returns whether external data was used."""
-    external = _tensor_bytes(model) > PROTOBUF_LIMIT_BYTES * 0.9  # the graph itself adds some
+def save_onnx(model: onnx.ModelProto, path: Path, inline_limit: int = INLINE_LIMIT_BYTES) -> bool:
+    """Save `model` at `path`, its weights in one `<name>.data` file next to it when they
+    exceed `inline_limit` bytes. Returns whether external data was used."""
+    external = _tensor_bytes(model) > inline_limit
     if external:
         onnx.save_model(
             model,

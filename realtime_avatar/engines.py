@@ -5,8 +5,8 @@
 The returned model keeps the wrapped model's `encode` (torch: it runs once per avatar frame
 at preparation) and runs `render` (UNet + latent decoder, per frame) on the chosen engine:
 
-    torch     the model itself (eager; torch.compile took minutes to compile here and was
-              slower at batch 1, so it is not used)
+    torch     the model itself, eager (torch.compile took 2.5 minutes to compile the compact
+              model here, recompiles per batch size, and was slower at batch 1: not used)
     onnx      ONNX Runtime on a model.onnx with a dynamic batch: CUDA execution provider when
               it is really active in the session, else CPU with the thread settings below
     tensorrt  a TensorRT engine built from the ONNX file with a static batch profile (GPU only)
@@ -19,7 +19,7 @@ cached under the engines folder, one directory per model hash, precision and bat
         model.onnx | model.engine    manifest.json
 
 The accuracy gate: before an engine is used, it renders fixed seeded inputs and its uint8
-patches are compared with the torch model's (max abs error and PSNR); an engine below the
+patches are compared with the torch model's (max abs error, PSNR, SNR); an engine below the
 thresholds of its precision is refused (a known trap: a wide-batch fp16 TensorRT engine that
 renders a grey face). The ONNX graph outputs the family's own float range; the uint8
 conversion is the family's own function, so engine and torch round the same way.

@@ -287,6 +287,19 @@ def test_fp16_export_keeps_float32_io_and_passes_the_fp16_gate(compact, tmp_path
     assert gate.passed, gate.describe()
 
 
+def test_weights_over_the_inline_limit_go_to_one_external_file(compact, compact_onnx, tmp_path):
+    # what a full-size MuseTalk export (3.4 GB, over protobuf's 2 GiB) does, at a small limit
+    from export.onnx_export import save_onnx
+
+    proto = onnx.load(str(compact_onnx.engine_dir / ONNX_FILE))
+    target = tmp_path / ONNX_FILE
+    assert save_onnx(proto, target, inline_limit=1_000_000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ONNX_FILE, ONNX_FILE + ".data"]
+    assert target.stat().st_size < 1_000_000 < (tmp_path / (ONNX_FILE + ".data")).stat().st_size
+    gate = accuracy_gate(compact, OnnxRuntimeRunner(target), "fp32")
+    assert gate.passed and gate.max_abs_error <= 1
+
+
 # ------------------------------------------------------------------------ backend selection
 
 
