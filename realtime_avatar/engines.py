@@ -333,7 +333,8 @@ def ort_session_options(threads: int | None = None, *, spin: bool = False):
     return options
 
 
-GPU_PROVIDERS = ("CUDAExecutionProvider",)
+DEFAULT_GPU_PROVIDERS = ("CUDAExecutionProvider",)  # asked for by default when listed
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 
 def requested_ort_providers(providers: Sequence[str] | None = None) -> list[str]:
@@ -347,7 +348,7 @@ def requested_ort_providers(providers: Sequence[str] | None = None) -> list[str]
     import onnxruntime as ort
 
     available = ort.get_available_providers()
-    return [p for p in GPU_PROVIDERS if p in available] + ["CPUExecutionProvider"]
+    return [p for p in DEFAULT_GPU_PROVIDERS if p in available] + ["CPUExecutionProvider"]
 
 
 class OnnxRuntimeRunner:
@@ -749,7 +750,7 @@ def _resolve_precision(precision: str | None, on_gpu: bool) -> str:
 
 def _ort_gpu_usable(providers: Sequence[str] | None) -> bool:
     requested = requested_ort_providers(providers)
-    return torch.cuda.is_available() and any(p in GPU_PROVIDERS or p == "TensorrtExecutionProvider" for p in requested)
+    return torch.cuda.is_available() and any(p in GPU_PROVIDERS for p in requested)
 
 
 def _run_gate(model, runner, precision, batch, folder, backend) -> GateResult:
@@ -917,6 +918,7 @@ def select_backend(
     precision: str | None = None,
     batch_size: int = DEFAULT_BATCH,
     threads: int | None = None,
+    ort_providers: Sequence[str] | None = None,
 ) -> BackendModel:
     """A RendererModel for `model` whose render runs on `backend`.
 
@@ -926,7 +928,9 @@ def select_backend(
     a GPU), then falls back to torch, and logs what it chose and why.
     precision: engine precision, default fp16 on a GPU and fp32 on CPU. batch_size: the
     static TensorRT profile (use the renderer's batch size). threads: ORT CPU threads
-    (default: the cores this process may use). engines_dir: default $REALTIME_AVATAR_ENGINES,
+    (default: the cores this process may use). ort_providers: ONNX Runtime execution
+    providers to ask for, e.g. ["TensorrtExecutionProvider", "CUDAExecutionProvider",
+    "CPUExecutionProvider"] (default: CUDA when this onnxruntime build has it, then CPU). engines_dir: default $REALTIME_AVATAR_ENGINES,
     else the checkout's engines/, else the user cache.
     """
     if isinstance(model, BackendModel):
@@ -938,14 +942,15 @@ def select_backend(
             model, engines_dir, precision=precision, batch_size=batch_size, build_missing=build_missing
         ),
         "onnx": lambda: load_onnx_backend(
-            model, engines_dir, precision=precision, build_missing=build_missing, threads=threads
+            model, engines_dir, precision=precision, build_missing=build_missing, threads=threads,
+            providers=ort_providers,
         ),
     }
     def onnx_if_not_slower() -> BackendModel:
         # a model on a GPU renders faster in torch there than ONNX Runtime does on the CPU
         on_gpu = _graph_device_dtype(render_graph(model))[0].type == "cuda"
         cpu_only = "ONNX Runtime would run on the CPU while the model is on a GPU (torch there is faster)"
-        if on_gpu and not _ort_gpu_usable(None):
+        if on_gpu and not _ort_gpu_usable(ort_providers):
             raise BackendUnavailable(cpu_only)
         engine = loaders["onnx"]()
         if on_gpu and not engine.runner.on_gpu:
