@@ -1,0 +1,373 @@
+"""End-to-end latency through a real WebRTC loopback: mic audio sent -> mouth frame received.
+
+The real server (create_app, the `realtime-avatar serve` app) runs in this process with real
+AvatarSessions on the bench runtime; an aiortc client (tests/rtc_client.py) connects over
+127.0.0.1 and sends, in real time, espeak-ng words separated by silence, each onset marked by a
+click. The client keeps a mouth-region thumbnail of every received video frame and all received
+audio. From those alone it finds, per word:
+
+- mouth-onset latency: onset sent -> first received frame whose mouth differs from the avatar's
+  idle mouth by more than the codec alone does (calibrated on the frames before the first word);
+- audio latency: onset sent -> onset heard in the returned audio;
+- A/V offset of the returned stream: mouth onset minus audio onset, by receive time.
+
+The session is instrumented (logging only), so each mouth onset is also split into where the
+time went: network in, waiting for the window's right context + lookahead + hop (and the encoder
+run), render queue + render, held until the frame's tick (the fixed output delay), network out.
+
+    .venv/bin/python benchmarks/bench_e2e_webrtc.py [--quick] [--words 16] [--plots DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from common import FRAME_MS  # noqa: E402
+
+from realtime_avatar.session import WINDOW_RIGHT_CONTEXT_S, SessionConfig  # noqa: E402
+from realtime_avatar.timing import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, window_last_feature  # noqa: E402
+
+PTS_PER_FRAME = 90_000 // FPS  # RTP video clock ticks per frame
+LEAD_S = 1.5  # silence before the first word: the idle frames that calibrate codec noise
+GAP_S = 1.0  # silence after each word: every mouth returns to idle before the next onset
+
+
+class _MouthTrack:
+    """Wraps the received video track: notes each frame's arrival and mouth thumbnail."""
+
+    def __init__(self, track, box, frame_shape, log: list):
+        self._inner = track
+        self._box, self._shape, self._log = box, frame_shape, log
+        self.kind = track.kind
+
+    async def recv(self):
+        frame = await self._inner.recv()
+        arrived = time.monotonic()
+        image = frame.to_ndarray(format="bgr24")
+        box = self._box
+        if image.shape[:2] != self._shape[:2]:  # scaled by the sender: scale the box along
+            sy, sx = image.shape[0] / self._shape[0], image.shape[1] / self._shape[1]
+            box = (int(box[0] * sx), int(box[1] * sy), int(box[2] * sx), int(box[3] * sy))
+        self._log.append((arrived, frame.pts, common.mouth_signature(image, box)))
+        return frame
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def _client_class():
+    from tests.rtc_client import RtcClient
+
+    class MouthClient(RtcClient):
+        """The test client, with the received video track wrapped by _MouthTrack."""
+
+        def __init__(self, *args, box, frame_shape, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.frames: list[tuple[float, int, np.ndarray]] = []  # (arrival, pts, signature)
+            self._box, self._shape = box, frame_shape
+
+        def _on_track(self, track):
+            if track.kind == "video":
+                track = _MouthTrack(track, self._box, self._shape, self.frames)
+            super()._on_track(track)
+
+    return MouthClient
+
+
+async def run_loopback(bench: common.BenchRuntime, signal: common.OnsetSignal, config: SessionConfig,
+                       tail_s: float) -> dict:
+    """Serve, connect one client, stream `signal`, and return the raw logs of both sides."""
+    import aiohttp
+
+    from realtime_avatar.server import create_app
+    from tests.rtc_client import WavMicrophoneTrack, serving
+
+    runtime = bench.runtime
+    box = common.mouth_box(runtime.avatar.landmarks, runtime.avatar.frame_shape)
+    sessions = []
+
+    async def factory():
+        session = common.instrumented_session(runtime.encoder, runtime.renderer, config, signature_box=box)
+        sessions.append(session)
+        return session
+
+    with tempfile.TemporaryDirectory() as tmp:
+        wav = signal.write_wav(Path(tmp) / "onsets.wav")
+        mic = WavMicrophoneTrack(wav)  # the signal carries its own lead and tail silence
+        async with serving(create_app(factory)) as url, aiohttp.ClientSession() as http:
+            client = _client_class()(url, mic, box=box, frame_shape=runtime.avatar.frame_shape)
+            t_connect = time.monotonic()
+            await client.connect(http)
+            await asyncio.wait_for(client.connected.wait(), 15)
+            connected_s = time.monotonic() - t_connect
+            await asyncio.wait_for(client.first_video.wait(), 15)
+            while mic.speech_started_at is None:
+                await asyncio.sleep(0.01)
+            end = mic.speech_started_at + signal.seconds + tail_s
+            while time.monotonic() < end:
+                await asyncio.sleep(0.1)
+            stats = sessions[0].stats()
+            await client.close(http)
+    return {
+        "session": sessions[0], "stats": stats, "client": client, "mic": mic,
+        "box": box, "connected_s": connected_s,
+    }
+
+
+def _audio_onset_times(chunks: list[np.ndarray], arrivals: list[float], rate: int) -> list[float]:
+    """Receive times of onsets in the returned audio: chunk arrival + position inside it."""
+    if not chunks:
+        return []
+    audio = np.concatenate(chunks)
+    starts = np.cumsum([0] + [len(c) for c in chunks[:-1]])
+    out = []
+    for onset in common.detect_onsets(audio, rate):
+        sample = int(round(onset * rate))
+        c = int(np.searchsorted(starts, sample, side="right") - 1)
+        out.append(arrivals[c] + (sample - starts[c]) / rate)
+    return out
+
+
+def _first_after(times: list[float], t: float, until: float) -> float | None:
+    return next((x for x in times if t <= x < until), None)
+
+
+def analyse(raw: dict, signal: common.OnsetSignal, runtime) -> dict:
+    """Per-onset latencies and their breakdown from the logs of both sides."""
+    session, client, mic = raw["session"], raw["client"], raw["mic"]
+    ticks = session.tick_log
+    cycle = runtime.renderer.cycle_length
+    idle_sigs = [common.mouth_signature(runtime.renderer.idle_frame(p), raw["box"]) for p in range(cycle)]
+    frames = client.frames  # (arrival, pts, signature)
+    if not frames or not ticks:
+        raise RuntimeError("no video frames were received: the loopback did not stream")
+
+    # Which server tick is each received frame? pts steps of 3600 give tick differences; the tick
+    # of the first frame is found by matching thumbnails against what the session emitted.
+    pts0 = frames[0][1]
+    offsets = [((pts - pts0) % 2**32) // PTS_PER_FRAME for _, pts, _ in frames]
+    sent_sigs = [t.signature for t in ticks]
+    first_arrival = frames[0][0]
+    candidates = [t.n for t in ticks if first_arrival - 2.0 <= t.t <= first_arrival]
+    n0, match_distance = common.best_alignment(list(zip(offsets, (f[2] for f in frames))), sent_sigs, candidates)
+    tick_of = [n0 + d for d in offsets]
+    by_tick = {t.n: t for t in ticks}
+
+    # Codec noise on idle frames: frames received before the first word was sent.
+    t_sent = [mic.speech_started_at + s for s in signal.onsets_s]
+    idle_d = [common.signature_distance(sig, idle_sigs[n % cycle])
+              for (arrival, _, sig), n in zip(frames, tick_of) if arrival < t_sent[0]]
+    threshold = common.motion_threshold(idle_d)
+    # How far the rendered mouths are from the idle one (server truth): with random weights the
+    # mouth hardly depends on the audio, and no pixel detector can see it move.
+    rendered_d = [common.signature_distance(sig, idle_sigs[n % cycle])
+                  for (_, _, sig), n in zip(frames, tick_of) if n in by_tick and by_tick[n].rendered]
+    moving = [(arrival, n) for (arrival, _, sig), n in zip(frames, tick_of)
+              if common.signature_distance(sig, idle_sigs[n % cycle]) > threshold]
+
+    # Onsets as the server heard them (its own 16 kHz input) and as the client heard them back.
+    server_input = np.concatenate(session.input_chunks) if session.input_chunks else np.zeros(0, np.float32)
+    server_onsets = [round(s * SAMPLE_RATE) for s in common.detect_onsets(server_input, SAMPLE_RATE)]
+    rec = client.recording
+    audio_back = _audio_onset_times(rec.audio_chunks, rec.audio_arrivals, rec.audio_rate or common.WEBRTC_RATE)
+
+    events = []
+    for j, sent in enumerate(t_sent):
+        until = t_sent[j + 1] if j + 1 < len(t_sent) else float("inf")
+        event: dict = {"word": signal.labels[j], "sent_s": round(sent - t_sent[0], 3)}
+        mouth = next(((a, n) for a, n in moving if sent <= a < until), None)
+        event["mouth_latency_ms"] = None if mouth is None else 1000 * (mouth[0] - sent)
+        heard = _first_after(audio_back, sent, until)
+        event["audio_latency_ms"] = None if heard is None else 1000 * (heard - sent)
+        if mouth is not None and heard is not None:
+            event["av_offset_received_ms"] = 1000 * (mouth[0] - heard)
+        # the server's view: the onset sample in its ring, the first tick it rendered after it
+        s_on = next((s for s in server_onsets
+                     if (t := common.time_ring_reached(session.input_log, s)) is not None and sent - 0.05 <= t < until),
+                    None)
+        if s_on is not None:
+            event.update(_server_breakdown(session, ticks, by_tick, frames, tick_of, s_on, sent, mouth))
+        events.append(event)
+    return {
+        "events": events,
+        "alignment": {"first_frame_tick": n0, "match_distance": round(match_distance, 3),
+                      "idle_distance_p95": round(float(np.percentile(idle_d, 95)), 3) if idle_d else None,
+                      "motion_threshold": round(threshold, 3), "idle_frames_calibrated": len(idle_d),
+                      "rendered_distance_median": round(float(np.median(rendered_d)), 3) if rendered_d else None,
+                      "rendered_frames_received": len(rendered_d)},
+        "received": {"video_frames": len(frames), "audio_seconds": round(len(rec.audio) / max(1, rec.audio_rate), 2),
+                     "fps": round(len(frames) / max(1e-9, frames[-1][0] - frames[0][0]), 2)},
+        "onsets_found": {"sent": len(t_sent), "server_input": len(server_onsets), "audio_back": len(audio_back),
+                         "mouth_detected": sum(e["mouth_latency_ms"] is not None for e in events)},
+    }
+
+
+def _server_breakdown(session, ticks, by_tick, frames, tick_of, s_on, sent, mouth) -> dict:
+    """Where the time from `sent` to the mouth frame went, from the session's own logs."""
+    t_in = common.time_ring_reached(session.input_log, s_on)
+    onset_frame = s_on // SAMPLES_PER_FRAME
+    out: dict = {"network_in_ms": 1000 * (t_in - sent)}
+    # the first tick after the onset that shows a rendered mouth, and the tick that plays the onset audio
+    mouth_tick = next((t for t in ticks if t.rendered and t.frame is not None and t.frame >= onset_frame - 3
+                       and t.t >= t_in - 0.05), None)
+    audio_tick = next((t for t in ticks if t.frame == onset_frame), None)
+    if mouth_tick is None:
+        return out
+    i = mouth_tick.frame
+    final = common.features_final_at(session.encoder_log, window_last_feature(i))
+    rendered_at = session._rendered.set_at.get(i)
+    out["window_lead_ms"] = (s_on - (i + 1) * SAMPLES_PER_FRAME) / SAMPLE_RATE * 1000
+    if final is not None:
+        out["wait_context_lookahead_hop_ms"] = 1000 * (final[0] - final[1] - t_in)
+        out["encoder_run_ms"] = 1000 * final[1]
+        if rendered_at is not None:
+            call = common.render_call_before(session.render_log, rendered_at)
+            out["render_queue_and_render_ms"] = 1000 * (rendered_at - final[0])
+            out["render_call_ms"] = 1000 * call[1] if call else None
+            out["held_for_tick_ms"] = 1000 * (mouth_tick.t - rendered_at)
+    received = next((a for (a, _, _), n in zip(frames, tick_of) if n == mouth_tick.n), None)
+    if received is not None:
+        out["network_out_ms"] = 1000 * (received - mouth_tick.t)
+        out["mouth_latency_true_ms"] = 1000 * (received - sent)
+        if mouth is not None:
+            out["detection_error_frames"] = mouth[1] - mouth_tick.n
+    if audio_tick is not None:
+        # what the stream carries: the mouth tick's time minus the onset's time in the audio
+        onset_in_tick_ms = (s_on % SAMPLES_PER_FRAME) / SAMPLE_RATE * 1000
+        out["av_offset_content_ms"] = (mouth_tick.n - audio_tick.n) * FRAME_MS - onset_in_tick_ms
+    return out
+
+
+BREAKDOWN = (
+    ("network_in_ms", "network in: mic packet -> server ring (Opus, RTP, jitter buffer, resample)"),
+    ("wait_context_lookahead_hop_ms", "wait for the window's right context + lookahead + next hop"),
+    ("encoder_run_ms", "Whisper encoder run"),
+    ("render_queue_and_render_ms", "render queue + render (UNet, decoder, blend)"),
+    ("held_for_tick_ms", "held until the frame's tick (fixed output delay)"),
+    ("network_out_ms", "network out: tick -> frame decoded at the client (VP8, RTP, jitter buffer)"),
+    ("mouth_latency_true_ms", "= mouth-onset latency (onset sent -> first rendered mouth received)"),
+    ("window_lead_ms", "(onset position after the end of the mouth frame's own audio)"),
+)
+
+
+def summarise(analysis: dict, config: SessionConfig, raw: dict) -> dict:
+    events = analysis["events"]
+
+    def column(key: str) -> dict:
+        return common.summarize([e[key] for e in events if e.get(key) is not None], 1)
+
+    s = config.streaming
+    design = {
+        "window_right_context_ms": round(1000 * WINDOW_RIGHT_CONTEXT_S, 1),
+        "lookahead_ms": round(1000 * s.lookahead_s, 1),
+        "hop_ms": round(1000 * s.hop_s, 1),
+        "render_budget_ms": round(1000 * config.render_budget_s, 1),
+        "output_delay_ms": round(1000 * config.output_delay_s, 1),
+    }
+    return {
+        "mouth_onset_latency_ms": column("mouth_latency_ms"),
+        "mouth_onset_latency_true_ms": column("mouth_latency_true_ms"),
+        "audio_latency_ms": column("audio_latency_ms"),
+        "av_offset_received_ms": column("av_offset_received_ms"),
+        "av_offset_content_ms": column("av_offset_content_ms"),
+        "detection_error_frames": column("detection_error_frames"),
+        "breakdown_ms": {key: column(key) for key, _ in BREAKDOWN},
+        "design_ms": design,
+        "session_stats": {k: raw["stats"].get(k) for k in (
+            "fps", "frames_sent", "late_frames", "dropped_frames", "rendered_frames", "latency_ms",
+            "encoder_ms_per_run")},
+        "connect_s": round(raw["connected_s"], 2),
+    }
+
+
+def markdown(result: dict) -> str:
+    s = result["summary"]
+    rows = [
+        {"measure": "mouth-onset latency (detected in received video)", **_cols(s["mouth_onset_latency_ms"])},
+        {"measure": "mouth-onset latency (first rendered mouth, server truth)", **_cols(s["mouth_onset_latency_true_ms"])},
+        {"measure": "audio latency (sent -> heard back)", **_cols(s["audio_latency_ms"])},
+        {"measure": "A/V offset received (mouth - audio onset)", **_cols(s["av_offset_received_ms"])},
+        {"measure": "A/V offset in the stream (tick pts)", **_cols(s["av_offset_content_ms"])},
+    ]
+    text = "End-to-end over WebRTC loopback (ms; n = onsets)\n\n" + common.markdown_table(rows)
+    rows = [{"component": label, **_cols(s["breakdown_ms"][key])} for key, label in BREAKDOWN]
+    text += "\nBreakdown of the mouth-onset latency (ms)\n\n" + common.markdown_table(rows)
+    d = s["design_ms"]
+    text += (f"\nDesign: output delay {d['output_delay_ms']:.0f} ms = right context {d['window_right_context_ms']:.0f}"
+             f" + lookahead {d['lookahead_ms']:.0f} + hop {d['hop_ms']:.0f} + render budget {d['render_budget_ms']:.0f}\n")
+    return text
+
+
+def _cols(stats: dict) -> dict:
+    return {"median": stats["median"], "p90": stats["p90"], "max": stats["max"], "n": stats["n"]}
+
+
+def plot(result: dict, plots: Path | None) -> list[str]:
+    if plots is None:
+        return []
+    plt = common.pyplot()
+    events = [e for e in result["events"] if e.get("mouth_latency_true_ms") is not None]
+    keys = [k for k, _ in BREAKDOWN[:6]]
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    bottoms = np.zeros(len(events))
+    for key in keys:
+        values = np.array([max(0.0, e.get(key) or 0.0) for e in events])
+        ax.bar(range(len(events)), values, bottom=bottoms, label=key.replace("_ms", "").replace("_", " "))
+        bottoms += values
+    detected = [e.get("mouth_latency_ms") for e in events]
+    ax.plot(range(len(events)), [d if d is not None else np.nan for d in detected], "k.", label="detected in video")
+    ax.set_xticks(range(len(events)), [e["word"] for e in events], rotation=45, fontsize=7)
+    ax.set_ylabel("ms from onset sent")
+    ax.set_title("Mouth-onset latency per word over WebRTC loopback")
+    ax.legend(fontsize=6, loc="upper right", ncol=2)
+    return [p for p in [common.save_figure(fig, plots, "e2e_webrtc")] if p]
+
+
+def run(args: argparse.Namespace, bench: common.BenchRuntime | None = None) -> dict:
+    bench = bench or common.load_bench_runtime(args.quick, threads=args.threads)
+    words = args.words or (3 if args.quick else 16)
+    signal = common.onset_signal(common.onset_words(words), GAP_S, lead_s=LEAD_S, tail_s=0.5)
+    config = SessionConfig(streaming=bench.runtime.streaming, batch_size=args.session_batch,
+                           render_budget_s=args.render_budget)
+    raw = asyncio.run(run_loopback(bench, signal, config, tail_s=config.output_delay_s + 0.6))
+    analysis = analyse(raw, signal, bench.runtime)
+    result = common.header("e2e_webrtc", args, bench)
+    result["settings"] = {"words": words, "gap_s": GAP_S, "session_batch": args.session_batch,
+                          "render_budget_s": args.render_budget,
+                          "signal_s": round(signal.seconds, 2)}
+    result["summary"] = summarise(analysis, config, raw)
+    result.update({k: v for k, v in analysis.items()})
+    result["events"] = [{k: (round(v, 1) if isinstance(v, float) else v) for k, v in e.items()}
+                        for e in analysis["events"]]
+    result["plots"] = plot(result, args.plots)
+    return result
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(p)
+    p.add_argument("--words", type=int, default=None, help="onsets to send (default 16; --quick 3)")
+    p.add_argument("--session-batch", type=int, default=4, help="frames per model call (serve's default 4)")
+    p.add_argument("--render-budget", type=float, default=SessionConfig.render_budget_s,
+                   help="seconds the session allows for encoder + render before a frame is late "
+                        f"(default {SessionConfig.render_budget_s}, the session's own)")
+    return p
+
+
+def main(argv: list[str] | None = None, bench: common.BenchRuntime | None = None) -> dict:
+    args = parser().parse_args(argv)
+    return common.finish(run(args, bench), args, markdown)
+
+
+if __name__ == "__main__":
+    main()

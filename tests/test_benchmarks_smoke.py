@@ -1,0 +1,217 @@
+"""The latency benchmarks: their pure helpers, and every script in a short run that prints JSON.
+
+The helpers are checked on signals with known answers (onsets at known samples, a stream with a
+known offset). The scripts run in-process on the suite's shared runtime fixture with their
+--quick settings shortened further; these are smoke tests: they check that each benchmark runs
+the real pipeline end to end and reports what it promises, never how fast anything was.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import common  # noqa: E402
+
+MAX_PNG_BYTES = 200 * 1024
+
+
+# --- pure helpers ---------------------------------------------------------------------------
+
+
+def test_summarize_matches_numpy_and_handles_empty():
+    x = np.random.default_rng(0).exponential(10.0, 1000)
+    s = common.summarize(x, digits=6)
+    assert s["n"] == 1000
+    assert s["median"] == pytest.approx(np.median(x), abs=1e-6)
+    assert s["p90"] == pytest.approx(np.percentile(x, 90), abs=1e-6)
+    assert s["p99"] == pytest.approx(np.percentile(x, 99), abs=1e-6)
+    assert s["max"] == pytest.approx(x.max(), abs=1e-6)
+    assert common.summarize([])["median"] is None
+
+
+def test_detect_onsets_finds_clicks_at_their_samples():
+    rate = 16_000
+    signal = np.zeros(5 * rate, np.float32)
+    truth = [0.5, 1.7321, 3.0]
+    for t in truth:
+        start = int(t * rate)
+        signal[start : start + 400] = 0.3 * np.sin(np.arange(400) / 3.0)  # a 25 ms burst
+    signal[int(2.2 * rate) : int(2.2 * rate) + 3] = 0.001  # below threshold: not an onset
+    found = common.detect_onsets(signal, rate)
+    assert len(found) == len(truth)
+    for f, t in zip(found, truth):
+        assert abs(f - t) <= common.ONSET_BLOCK_S  # within one detection block
+    # two bursts closer than min_gap_s are one event
+    assert len(common.detect_onsets(signal, rate, min_gap_s=2.0)) == 1
+
+
+def test_onset_signal_puts_a_click_on_every_reported_onset():
+    sig = common.onset_signal(["papa", "map"], [0.8, 0.8], lead_s=0.5, tail_s=0.2, rate=16_000)
+    assert len(sig.onsets_s) == 2 and sig.onsets_s[0] == pytest.approx(0.5)
+    found = common.detect_onsets(sig.samples, sig.rate)
+    assert len(found) == 2
+    for f, t in zip(found, sig.onsets_s):
+        assert abs(f - t) <= common.ONSET_BLOCK_S
+    assert sig.seconds > 0.5 + 2 * 0.8
+
+
+def test_best_alignment_recovers_a_known_stream_offset():
+    rng = np.random.default_rng(1)
+    sent = [rng.uniform(0, 255, (32, 48)).astype(np.float32) for _ in range(60)]
+    start, gaps = 17, [0, 1, 2, 4, 5, 6, 9, 10]  # received frames with some lost on the way
+    received = [(d, sent[start + d] + rng.normal(0, 2, (32, 48)).astype(np.float32)) for d in gaps]
+    k, distance = common.best_alignment(received, sent, range(0, 40))
+    assert k == start
+    assert distance < 3.0
+
+
+def test_motion_threshold_sits_above_codec_noise():
+    noise = np.abs(np.random.default_rng(2).normal(0, 1.0, 200))
+    threshold = common.motion_threshold(noise)
+    assert threshold > np.percentile(noise, 99)
+    assert common.motion_threshold([0.0, 0.0]) == 1.5
+
+
+def test_markdown_table_lists_every_row_and_column():
+    text = common.markdown_table([{"a": 1, "b": 2.5}, {"a": 3, "b": None}], ["a", "b"])
+    lines = text.strip().splitlines()
+    assert lines[0] == "| a | b |" and len(lines) == 4
+    assert "| 3 | – |" in lines[3]
+
+
+def test_machine_info_names_the_machine():
+    info = common.machine_info()
+    assert info["cores"] >= 1 and info["cpu"]
+    assert len(info["load_average"]) == 3
+    assert info["versions"]["torch"]
+
+
+# --- every benchmark, short ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bench(runtime):
+    return common.wrap_runtime(runtime)
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    return {}
+
+
+def run_quick(module_name: str, argv: list[str], bench, tmp_path, capsys) -> dict:
+    """Run a benchmark's main() with --quick --json-only; return the JSON it printed."""
+    import importlib
+
+    module = importlib.import_module(module_name)
+    capsys.readouterr()
+    module.main(["--quick", "--json-only", "--plots", str(tmp_path), *argv], bench)
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["mode"] == "quick"
+    assert printed["machine"]["cores"] >= 1
+    assert printed["runtime"]["weights"] in ("trained", "random")
+    for plot in printed["plots"]:
+        size = Path(plot).stat().st_size
+        assert 0 < size < MAX_PNG_BYTES, (plot, size)
+    return printed
+
+
+def test_bench_stages_times_every_stage(bench, results, tmp_path, capsys):
+    out = run_quick("bench_stages", ["--batches", "1", "--repeats", "2"], bench, tmp_path, capsys)
+    stages = {row["stage"] for row in out["rows"]}
+    assert {"resample 48k stereo -> 16k", "whisper encoder hop", "window assembly", "unet", "decoder",
+            "render graph (unet+decoder+uint8)", "blend patch into frame", "video encode"} <= stages
+    assert all(row["median"] is not None and row["median"] >= 0 for row in out["rows"])
+    assert {"torch-fp32", "torch-bf16"} <= set(out["backends"])
+    results["stages"] = out
+
+
+def test_bench_lookahead_reports_latency_and_parity(bench, results, tmp_path, capsys):
+    out = run_quick("bench_lookahead", ["--lookaheads", "0.1"], bench, tmp_path, capsys)
+    (row,) = out["rows"]
+    assert row["lookahead_s"] == 0.1
+    assert row["design_latency_ms"] == pytest.approx(80 + 100 + 1000 * row["hop_s"])
+    assert 0.0 < row["parity_cos_last_layer"] <= 1.0
+    results["lookahead"] = out
+
+
+def test_bench_baseline_times_first_frames_of_both_pipelines(bench, results, tmp_path, capsys):
+    out = run_quick("bench_baseline", ["--durations", "2"], bench, tmp_path, capsys)
+    (row,) = out["rows"]
+    assert row["utterance_s"] == 2.0
+    # the offline pipeline cannot show a frame before the utterance is over
+    assert row["offline_ttff_from_speech_start_ms"] >= 2000
+    assert row["streaming_ttff_ms"] is not None
+    results["baseline"] = out
+
+
+@pytest.mark.slow
+def test_bench_e2e_webrtc_receives_the_avatar_and_finds_the_onsets(bench, results, tmp_path, capsys):
+    out = run_quick("bench_e2e_webrtc", ["--words", "2"], bench, tmp_path, capsys)
+    assert out["received"]["video_frames"] > 25
+    assert out["onsets_found"]["sent"] == 2
+    assert out["onsets_found"]["server_input"] == 2  # both clicked onsets crossed the network
+    assert out["alignment"]["first_frame_tick"] >= 0  # received frames were matched to ticks
+    assert len(out["events"]) == 2 and all("network_in_ms" in e for e in out["events"])
+    assert out["summary"]["design_ms"]["output_delay_ms"] > 0
+    results["e2e_webrtc"] = out
+
+
+def test_bench_concurrency_runs_each_level(bench, results, tmp_path, capsys):
+    out = run_quick("bench_concurrency", ["--sessions", "1,2", "--seconds", "2"], bench, tmp_path, capsys)
+    assert [level["sessions"] for level in out["levels"]] == [1, 2]
+    assert [len(level["sessions_detail"]) for level in out["per_session"]] == [1, 2]
+    assert all(s["fps"] > 0 for level in out["per_session"] for s in level["sessions_detail"])
+    assert 0 <= out["max_sessions_holding_25fps"] <= 2
+    results["concurrency"] = out
+
+
+def test_bench_sustained_tracks_frames_offsets_and_memory(bench, results, tmp_path, capsys):
+    out = run_quick("bench_sustained", ["--seconds", "4"], bench, tmp_path, capsys)
+    frames = out["frames"]
+    assert frames["ticks"] > 0 and frames["expected_ticks"] > 0
+    assert frames["input_frames_pushed"] >= 4 * 25 - 1
+    assert out["rss_mib"]["max"] >= out["rss_mib"]["start"] > 0
+    assert out["series"] and out["series"][0]["rss_mib"] is not None
+    results["sustained"] = out
+
+
+def test_run_all_writes_the_report(results, tmp_path):
+    """The suite's report from the runs above (the ones that ran in this session)."""
+    import run_all
+
+    if not results:
+        pytest.skip("no benchmark ran in this session")
+    report = {
+        "mode": "quick", "started": "now", "seconds": 1.0, "command": "test",
+        "machine": common.machine_info(), "load_before": [0, 0, 0], "load_after": [0, 0, 0],
+        "competing_processes": [], "results": dict(results), "timings_s": {},
+    }
+    report["results"]["broken"] = {"error": "exit status 1", "stderr_tail": "Traceback ..."}
+    json_path, md_path = run_all.write_report(report, tmp_path)
+    assert json.loads(json_path.read_text())["results"].keys() == report["results"].keys()
+    text = md_path.read_text()
+    assert "Quick mode" in text and "## broken" in text and "FAILED" in text
+    for name in results:
+        assert f"## {name}" in text
+
+
+@pytest.mark.slow
+def test_a_script_runs_from_the_command_line_and_prints_json():
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_lookahead.py"), "--quick", "--lookaheads", "0.2"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.JSONDecoder().raw_decode(done.stdout)[0]
+    assert result["benchmark"] == "lookahead" and result["rows"][0]["lookahead_s"] == 0.2
+    assert "| window_s |" in done.stdout  # the markdown table follows the JSON
