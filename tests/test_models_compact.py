@@ -235,6 +235,7 @@ def test_bf16_channels_last_matches_fp32(model):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter, on purpose
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # group_norm checks a traced size
 def test_onnx_export_with_dynamic_batch_matches_torch(model, tmp_path):
     import onnxruntime as ort
 

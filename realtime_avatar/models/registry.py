@@ -78,8 +78,9 @@ def state_dict_hash(state_dict: Mapping[str, torch.Tensor]) -> str:
     for key in sorted(state_dict):
         tensor = state_dict[key].detach().to("cpu").contiguous()
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        # view as bytes: works for every dtype (numpy has no bfloat16)
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        # hashed through a uint8 view, without a copy: works for every dtype (numpy has no
+        # bfloat16) and for the mmapped tensors of a freshly loaded checkpoint
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()[:HASH_CHARS]
 
 
