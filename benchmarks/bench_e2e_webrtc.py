@@ -65,6 +65,32 @@ class _MouthTrack:
         return getattr(self._inner, name)
 
 
+def _log_sender_pulls(session, find_sender) -> None:
+    """Note every frame aiortc's sender takes from the session's video track, and the RTP
+    timestamp origin of its stream.
+
+    The client's frames carry RTP timestamps (a random origin + tick x 3600); to know which
+    tick each received frame is, the origin is read from the server's RTCRtpSender: when it
+    asks for the next frame, its last sent timestamp belongs to the frame it took before.
+    (`_RTCRtpSender__rtp_timestamp` is aiortc-private; without it the alignment falls back to
+    images and timing.)"""
+    track = session.video_track
+    recv = track.recv
+    session.pull_log = []  # (time, pts) of frames handed to the sender
+    session.rtp_origins = []
+
+    async def logged_recv():
+        sender = find_sender(track)
+        last_sent = getattr(sender, "_RTCRtpSender__rtp_timestamp", None) if sender is not None else None
+        if last_sent is not None and session.pull_log:
+            session.rtp_origins.append((last_sent - session.pull_log[-1][1]) % 2**32)
+        frame = await recv()
+        session.pull_log.append((time.monotonic(), frame.pts))
+        return frame
+
+    track.recv = logged_recv
+
+
 def _client_class():
     from tests.rtc_client import RtcClient
 
@@ -89,22 +115,34 @@ async def run_loopback(bench: common.BenchRuntime, signal: common.OnsetSignal, c
     """Serve, connect one client, stream `signal`, and return the raw logs of both sides."""
     import aiohttp
 
-    from realtime_avatar.server import create_app
+    from realtime_avatar.server import SERVER_KEY, create_app
     from tests.rtc_client import WavMicrophoneTrack, serving
 
     runtime = bench.runtime
     box = common.mouth_box(runtime.avatar.landmarks, runtime.avatar.frame_shape)
     sessions = []
 
+    app = None
+
+    def find_sender(track):
+        for peer in app[SERVER_KEY].peers.values():
+            for sender in peer.pc.getSenders():
+                if sender.track is track:
+                    return sender
+        return None
+
     async def factory():
         session = common.instrumented_session(runtime.encoder, runtime.renderer, config, signature_box=box)
+        _log_sender_pulls(session, find_sender)
         sessions.append(session)
         return session
+
+    app = create_app(factory)
 
     with tempfile.TemporaryDirectory() as tmp:
         wav = signal.write_wav(Path(tmp) / "onsets.wav")
         mic = WavMicrophoneTrack(wav)  # the signal carries its own lead and tail silence
-        async with serving(create_app(factory)) as url, aiohttp.ClientSession() as http:
+        async with serving(app) as url, aiohttp.ClientSession() as http:
             client = _client_class()(url, mic, box=box, frame_shape=runtime.avatar.frame_shape)
             t_connect = time.monotonic()
             await client.connect(http)
@@ -117,6 +155,10 @@ async def run_loopback(bench: common.BenchRuntime, signal: common.OnsetSignal, c
             while time.monotonic() < end:
                 await asyncio.sleep(0.1)
             stats = sessions[0].stats()
+            # aiortc's receiver hands out pts relative to the first RTP timestamp it received
+            receivers = [t.receiver for t in client.pc.getTransceivers() if t.kind == "video"]
+            mapper = getattr(receivers[0], "_RTCRtpReceiver__timestamp_mapper", None) if receivers else None
+            client.rtp_first_timestamp = getattr(mapper, "_origin", None)
             await client.close(http)
     return {
         "session": sessions[0], "stats": stats, "client": client, "mic": mic,
@@ -138,6 +180,33 @@ def _audio_onset_times(chunks: list[np.ndarray], arrivals: list[float], rate: in
     return out
 
 
+def _ticks_of_received(session, frames, ticks, client_first_timestamp: int | None) -> tuple[list[int], dict]:
+    """The server tick of every received frame: from the RTP timestamp origin read at the
+    sender and the client when both are known (exact; aiortc-private attributes), else by
+    matching thumbnails and timing (align_stream: may be a frame late on idle video)."""
+    origins, first = session.rtp_origins, client_first_timestamp
+    info: dict = {}
+    if origins and first is not None:
+        # received pts = RTP timestamp - the first one the client saw; RTP timestamp = origin + pts sent
+        origin = max(set(origins), key=origins.count)
+        tick_of = [((first + pts - origin) % 2**32) // PTS_PER_FRAME for _, pts, _ in frames]
+        info = {"method": "rtp timestamps", "origin_agreement": round(origins.count(origin) / len(origins), 4)}
+    else:
+        pts0 = frames[0][1]
+        offsets = [((pts - pts0) % 2**32) // PTS_PER_FRAME for _, pts, _ in frames]
+        found = common.align_stream(offsets, [f[0] for f in frames], [f[2] for f in frames],
+                                    [t.t for t in ticks], [t.signature for t in ticks])
+        if found is None:
+            raise RuntimeError("the received frames match no sequence of sent ticks")
+        tick_of = [found.start + d for d in offsets]
+        info = {"method": "images and timing", "candidates_alike": found.tied}
+    emitted = {t.n: t.t for t in ticks}
+    delays = [a - emitted[n] for (a, _, _), n in zip(frames, tick_of) if n in emitted]
+    info.update({"first_frame_tick": tick_of[0], "frames_matched": len(delays),
+                 "min_network_out_ms": round(1000 * min(delays), 1) if delays else None})
+    return tick_of, info
+
+
 def _first_after(times: list[float], t: float, until: float) -> float | None:
     return next((x for x in times if t <= x < until), None)
 
@@ -152,15 +221,7 @@ def analyse(raw: dict, signal: common.OnsetSignal, runtime) -> dict:
     if not frames or not ticks:
         raise RuntimeError("no video frames were received: the loopback did not stream")
 
-    # Which server tick is each received frame? pts steps of 3600 give tick differences; the tick
-    # of the first frame is found by matching thumbnails against what the session emitted.
-    pts0 = frames[0][1]
-    offsets = [((pts - pts0) % 2**32) // PTS_PER_FRAME for _, pts, _ in frames]
-    sent_sigs = [t.signature for t in ticks]
-    first_arrival = frames[0][0]
-    candidates = [t.n for t in ticks if first_arrival - 2.0 <= t.t <= first_arrival]
-    n0, match_distance = common.best_alignment(list(zip(offsets, (f[2] for f in frames))), sent_sigs, candidates)
-    tick_of = [n0 + d for d in offsets]
+    tick_of, alignment = _ticks_of_received(session, frames, ticks, getattr(client, "rtp_first_timestamp", None))
     by_tick = {t.n: t for t in ticks}
 
     # Codec noise on idle frames: frames received before the first word was sent.
@@ -200,7 +261,7 @@ def analyse(raw: dict, signal: common.OnsetSignal, runtime) -> dict:
         events.append(event)
     return {
         "events": events,
-        "alignment": {"first_frame_tick": n0, "match_distance": round(match_distance, 3),
+        "alignment": {**alignment,
                       "idle_distance_p95": round(float(np.percentile(idle_d, 95)), 3) if idle_d else None,
                       "motion_threshold": round(threshold, 3), "idle_frames_calibrated": len(idle_d),
                       "rendered_distance_median": round(float(np.median(rendered_d)), 3) if rendered_d else None,

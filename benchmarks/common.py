@@ -424,21 +424,41 @@ def motion_threshold(idle_distances: Sequence[float], floor: float = 1.5) -> flo
     return max(floor, 4.0 * float(np.percentile(idle_distances, 95)))
 
 
-def best_alignment(observed: Sequence[tuple[int, np.ndarray]], reference: Sequence[np.ndarray | None],
-                   candidates: Iterable[int]) -> tuple[int, float]:
-    """The start k (from `candidates`) that best aligns a received stream with what was sent:
-    observed holds (tick offset d, signature) pairs, matched against reference[k + d].
-    Returns (k, mean distance); k = -1 when no candidate overlaps half the observed frames."""
-    best = (-1, float("inf"))
-    for k in candidates:
-        pairs = [(sig, reference[k + d]) for d, sig in observed
-                 if 0 <= k + d < len(reference) and reference[k + d] is not None]
-        if not pairs or len(pairs) < len(observed) // 2:
+@dataclass(frozen=True)
+class Alignment:
+    start: int  # the sent tick the first received frame is
+    distance: float  # mean signature distance of the received frames to what was sent
+    tied: int  # candidates that looked as alike as the best (resolved by timing)
+    min_delay_s: float  # smallest (arrival - emission) over all frames with this alignment
+
+
+def align_stream(offsets: Sequence[int], arrivals: Sequence[float], signatures: Sequence[np.ndarray],
+                 sent_times: Sequence[float], sent_signatures: Sequence[np.ndarray], *,
+                 tie: float = 0.05) -> Alignment | None:
+    """Which sent tick is the first received frame, when received frame j is sent tick
+    start + offsets[j] (offsets from RTP timestamps, which carry no absolute tick number).
+
+    Causality rules candidates out: no frame arrives before its tick was emitted. Of the rest,
+    the one whose frames look most like what was sent wins; frames that look alike within
+    `tie` grey levels (the idle frames of a slowly swaying avatar do) are told apart by timing:
+    the latest causal candidate, i.e. the smallest network delay. None when no candidate fits."""
+    d = np.asarray(offsets, dtype=np.int64)
+    arrived = np.asarray(arrivals, dtype=np.float64)
+    sent_t = np.asarray(sent_times, dtype=np.float64)
+    received = np.stack(signatures).astype(np.float32)
+    sent = np.stack(sent_signatures).astype(np.float32)
+    scores = []
+    for k in range(0, len(sent_t) - int(d.max())):
+        delays = arrived - sent_t[k + d]
+        if delays.min() <= 0:
             continue
-        distance = float(np.mean([signature_distance(a, b) for a, b in pairs]))
-        if distance < best[1]:
-            best = (k, distance)
-    return best
+        scores.append((float(np.abs(received - sent[k + d]).mean()), k, float(delays.min())))
+    if not scores:
+        return None
+    best = min(score for score, _, _ in scores)
+    alike = [(k, delay, score) for score, k, delay in scores if score <= best + tie]
+    k, delay, score = max(alike)
+    return Alignment(k, score, len(alike), delay)
 
 
 # -- output ---------------------------------------------------------------------------------------

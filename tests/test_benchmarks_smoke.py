@@ -64,14 +64,22 @@ def test_onset_signal_puts_a_click_on_every_reported_onset():
     assert sig.seconds > 0.5 + 2 * 0.8
 
 
-def test_best_alignment_recovers_a_known_stream_offset():
+def test_align_stream_recovers_a_known_offset_and_breaks_ties_by_timing():
     rng = np.random.default_rng(1)
     sent = [rng.uniform(0, 255, (32, 48)).astype(np.float32) for _ in range(60)]
-    start, gaps = 17, [0, 1, 2, 4, 5, 6, 9, 10]  # received frames with some lost on the way
-    received = [(d, sent[start + d] + rng.normal(0, 2, (32, 48)).astype(np.float32)) for d in gaps]
-    k, distance = common.best_alignment(received, sent, range(0, 40))
-    assert k == start
-    assert distance < 3.0
+    sent_times = [10.0 + n / 25 for n in range(60)]
+    start, gaps = 17, [0, 1, 2, 4, 5, 6, 9, 10]  # received frames, some lost on the way
+    arrivals = [sent_times[start + d] + 0.03 for d in gaps]
+    received = [sent[start + d] + rng.normal(0, 2, (32, 48)).astype(np.float32) for d in gaps]
+    found = common.align_stream(gaps, arrivals, received, sent_times, sent)
+    assert found.start == start and found.tied == 1
+    assert found.min_delay_s == pytest.approx(0.03)
+    # frames that all look alike (an idle avatar): the latest tick consistent with causality
+    same = [np.zeros((32, 48), np.float32)] * 60
+    found = common.align_stream(gaps, arrivals, same[: len(gaps)], sent_times, same)
+    assert found.start == start and found.tied > 1
+    # frames that arrived before anything was sent fit nothing
+    assert common.align_stream(gaps, [0.0] * len(gaps), received, sent_times, sent) is None
 
 
 def test_motion_threshold_sits_above_codec_noise():
@@ -161,6 +169,7 @@ def test_bench_e2e_webrtc_receives_the_avatar_and_finds_the_onsets(bench, result
     assert out["onsets_found"]["sent"] == 2
     assert out["onsets_found"]["server_input"] == 2  # both clicked onsets crossed the network
     assert out["alignment"]["first_frame_tick"] >= 0  # received frames were matched to ticks
+    assert out["alignment"]["min_network_out_ms"] > 0
     assert len(out["events"]) == 2 and all("network_in_ms" in e for e in out["events"])
     assert out["summary"]["design_ms"]["output_delay_ms"] > 0
     results["e2e_webrtc"] = out
