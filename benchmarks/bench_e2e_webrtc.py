@@ -35,11 +35,20 @@ import common  # noqa: E402
 from common import FRAME_MS  # noqa: E402
 
 from realtime_avatar.session import WINDOW_RIGHT_CONTEXT_S, SessionConfig  # noqa: E402
-from realtime_avatar.timing import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, window_last_feature  # noqa: E402
+from realtime_avatar.timing import (  # noqa: E402
+    FPS,
+    SAMPLE_RATE,
+    SAMPLES_PER_FEATURE,
+    SAMPLES_PER_FRAME,
+    WINDOW_FEATURES,
+    WINDOW_PAD_LEFT,
+    window_last_feature,
+)
 
 PTS_PER_FRAME = 90_000 // FPS  # RTP video clock ticks per frame
 LEAD_S = 1.5  # silence before the first word: the idle frames that calibrate codec noise
 GAP_S = 1.0  # silence after each word: every mouth returns to idle before the next onset
+QUIET_FRAMES = 5  # still frames (200 ms) before a moving one for it to count as a mouth onset
 
 
 class _MouthTrack:
@@ -211,7 +220,7 @@ def _first_after(times: list[float], t: float, until: float) -> float | None:
     return next((x for x in times if t <= x < until), None)
 
 
-def analyse(raw: dict, signal: common.OnsetSignal, runtime) -> dict:
+def analyse(raw: dict, signal: common.OnsetSignal, runtime, min_latency_s: float = 0.0) -> dict:
     """Per-onset latencies and their breakdown from the logs of both sides."""
     session, client, mic = raw["session"], raw["client"], raw["mic"]
     ticks = session.tick_log
@@ -233,8 +242,12 @@ def analyse(raw: dict, signal: common.OnsetSignal, runtime) -> dict:
     # mouth hardly depends on the audio, and no pixel detector can see it move.
     rendered_d = [common.signature_distance(sig, idle_sigs[n % cycle])
                   for (_, _, sig), n in zip(frames, tick_of) if n in by_tick and by_tick[n].rendered]
-    moving = [(arrival, n) for (arrival, _, sig), n in zip(frames, tick_of)
-              if common.signature_distance(sig, idle_sigs[n % cycle]) > threshold]
+    moving = [common.signature_distance(sig, idle_sigs[n % cycle]) > threshold
+              for (_, _, sig), n in zip(frames, tick_of)]
+    # a mouth onset: a moving frame after at least QUIET_FRAMES still ones (not the tail of the
+    # previous word, which can still be arriving when the next word is sent)
+    motion_onsets = [(frames[k][0], tick_of[k]) for k in range(len(frames))
+                     if moving[k] and not any(moving[max(0, k - QUIET_FRAMES):k])]
 
     # Onsets as the server heard them (its own 16 kHz input) and as the client heard them back.
     server_input = np.concatenate(session.input_chunks) if session.input_chunks else np.zeros(0, np.float32)
@@ -246,9 +259,12 @@ def analyse(raw: dict, signal: common.OnsetSignal, runtime) -> dict:
     for j, sent in enumerate(t_sent):
         until = t_sent[j + 1] if j + 1 < len(t_sent) else float("inf")
         event: dict = {"word": signal.labels[j], "sent_s": round(sent - t_sent[0], 3)}
-        mouth = next(((a, n) for a, n in moving if sent <= a < until), None)
+        # Nothing of a word can come back before the session's output delay minus the window's
+        # lead: search from there, so that a slow previous word is not taken for this one.
+        earliest = min_latency_s
+        mouth = next(((a, n) for a, n in motion_onsets if sent + earliest <= a < until + earliest), None)
         event["mouth_latency_ms"] = None if mouth is None else 1000 * (mouth[0] - sent)
-        heard = _first_after(audio_back, sent, until)
+        heard = _first_after(audio_back, sent + earliest, until + earliest)
         event["audio_latency_ms"] = None if heard is None else 1000 * (heard - sent)
         if mouth is not None and heard is not None:
             event["av_offset_received_ms"] = 1000 * (mouth[0] - heard)
@@ -401,7 +417,9 @@ def run(args: argparse.Namespace, bench: common.BenchRuntime | None = None) -> d
     config = SessionConfig(streaming=bench.runtime.streaming, batch_size=args.session_batch,
                            render_budget_s=args.render_budget)
     raw = asyncio.run(run_loopback(bench, signal, config, tail_s=config.output_delay_s + 0.6))
-    analysis = analyse(raw, signal, bench.runtime)
+    # a frame plays output_delay after its audio arrived, and its window hears 120 ms ahead
+    lead = (WINDOW_FEATURES - WINDOW_PAD_LEFT) * SAMPLES_PER_FEATURE / SAMPLE_RATE
+    analysis = analyse(raw, signal, bench.runtime, max(0.0, config.output_delay_s - lead))
     result = common.header("e2e_webrtc", args, bench)
     result["settings"] = {"words": words, "gap_s": GAP_S, "session_batch": args.session_batch,
                           "render_budget_s": args.render_budget,
