@@ -16,6 +16,7 @@ relay task, closes the peer connection, awaits `session.close()` and drops the r
 from __future__ import annotations
 
 import asyncio
+import fractions
 import hmac
 import json
 import logging
@@ -30,7 +31,7 @@ import av
 import numpy as np
 from aiohttp import web
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamError
+from aiortc.mediastreams import AUDIO_PTIME, MediaStreamError
 from aiortc.sdp import SessionDescription
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ DEFAULT_MAX_SESSIONS = 4
 DEFAULT_MEDIA_TIMEOUT_S = 3.0  # no audio from a connected peer this long: it is gone
 DEFAULT_CONNECT_TIMEOUT_S = 15.0  # answered, but no first audio frame this long: never came
 NEGOTIATION_TIMEOUT_S = 10.0  # offer -> answer, ICE gathering included (host candidates only)
+CLOSE_STEP_TIMEOUT_S = 5.0  # each teardown step; a stuck one is logged and skipped, never waited on
 MAX_SDP_BYTES = 64 * 1024  # a real offer is 2-8 kB; anything far larger is not an offer
 SEND_DIRECTIONS = ("sendrecv", "sendonly")  # offer directions in which the peer sends audio
 
@@ -99,6 +101,42 @@ def include_loopback_candidates() -> None:
     uses one only with --allow-loopback-in-peer-connection), so this costs one unused socket.
     """
     aioice.ice.get_host_addresses = _host_addresses_with_loopback
+
+
+# --- audio framing ---------------------------------------------------------------------------
+
+
+class PtimeAudioTrack(MediaStreamTrack):
+    """Re-frames another audio track into 20 ms frames, the packetisation aiortc assumes.
+
+    aiortc's sender gives every packet of one encode() call the same RTP timestamp, so a 40 ms
+    frame (the session's tick) becomes two Opus packets with one timestamp and the receiver's
+    jitter buffer keeps only one of them: half the audio is lost. Frames of 20 ms pass through.
+    """
+
+    kind = "audio"
+
+    def __init__(self, source: MediaStreamTrack):
+        super().__init__()
+        self._source = source
+        self._fifo = av.AudioFifo()
+        self._chunk = 0  # samples per 20 ms at the source's rate; 0 until the first frame
+        self._sent = 0  # samples sent: the pts of the next frame
+
+    async def recv(self) -> av.AudioFrame:
+        while not (self._chunk and self._fifo.samples >= self._chunk):
+            frame = await self._source.recv()  # MediaStreamError when the source ends
+            chunk = int(AUDIO_PTIME * frame.sample_rate)
+            if frame.samples == chunk and self._fifo.samples == 0:
+                return frame  # already 20 ms: nothing to do
+            self._chunk = chunk
+            frame.pts = None  # the fifo would insist on contiguous pts; ours are recomputed
+            self._fifo.write(frame)
+        out = self._fifo.read(self._chunk)
+        out.pts = self._sent
+        out.time_base = fractions.Fraction(1, out.sample_rate)
+        self._sent += out.samples
+        return out
 
 
 # --- pure helpers (tested apart from the network) -------------------------------------------
@@ -368,15 +406,16 @@ class PeerSession:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        # Each step runs even if one before it failed: a half-closed peer is a leak.
-        try:
-            await self.pc.close()
-        except Exception:
-            log.exception("session %s: closing the peer connection failed", self.id)
-        try:
-            await self.session.close()
-        except Exception:
-            log.exception("session %s: closing the avatar session failed", self.id)
+        # Each step runs even if one before it failed or hung: a half-closed peer is a leak, and
+        # a teardown that never returns keeps its registry slot forever.
+        for what, step in (("peer connection", self.pc.close), ("avatar session", self.session.close)):
+            try:
+                await asyncio.wait_for(step(), CLOSE_STEP_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                log.error("session %s: closing the %s took over %g s; moving on", self.id, what,
+                          CLOSE_STEP_TIMEOUT_S)
+            except Exception:
+                log.exception("session %s: closing the %s failed", self.id, what)
         self._on_closed(self)
 
     def stats(self) -> dict:
@@ -475,7 +514,7 @@ class AvatarServer:
             except Exception as exc:
                 raise OfferError(400, f"offer rejected by the peer connection: {exc}") from exc
             # addTrack reuses the offer's transceivers: audio becomes sendrecv, video sendonly.
-            pc.addTrack(session.audio_track)
+            pc.addTrack(PtimeAudioTrack(session.audio_track))
             pc.addTrack(session.video_track)
             await pc.setLocalDescription(await pc.createAnswer())  # gathers ICE to completion
         except BaseException:

@@ -24,6 +24,7 @@ from realtime_avatar.timing import FPS
 ECHO_RATE = 48_000  # Hz, what the echo track sends (Opus' clock, no resampling in aiortc)
 ECHO_SAMPLES = int(AUDIO_PTIME * ECHO_RATE)  # 960 samples = 20 ms per audio frame
 ECHO_MAX_SECONDS = 2.0  # bound on queued echo audio: older audio is dropped, never piled up
+ECHO_PREBUFFER = 5 * ECHO_SAMPLES  # 100 ms held before echoing: absorbs input arriving late
 VIDEO_TICKS_PER_FRAME = VIDEO_CLOCK_RATE // FPS  # 3600 ticks of 1/90000 s = 40 ms
 FULL_SCALE_RMS = 0.1  # RMS (of full scale) that maps to full brightness: loud speech
 
@@ -92,6 +93,7 @@ class EchoAudioTrack(MediaStreamTrack):
         self._fifo = av.AudioFifo()
         self._pacer = _Pacer(1.0 / AUDIO_PTIME)
         self._sent = 0
+        self._playing = False  # False while (re)filling the prebuffer
 
     def write(self, frame: av.AudioFrame) -> None:
         frame.pts = None  # the fifo checks pts continuity; received pts have gaps after loss
@@ -108,8 +110,12 @@ class EchoAudioTrack(MediaStreamTrack):
         if self.readyState != "live":
             raise MediaStreamError
         await self._pacer.wait(self._sent)
-        frame = self._fifo.read(ECHO_SAMPLES) if self._fifo.samples >= ECHO_SAMPLES else None
-        if frame is None:  # nothing received yet (or a gap): send silence, as a mic would
+        if self._fifo.samples >= ECHO_PREBUFFER:
+            self._playing = True
+        elif self._fifo.samples < ECHO_SAMPLES:
+            self._playing = False
+        frame = self._fifo.read(ECHO_SAMPLES) if self._playing else None
+        if frame is None:  # nothing received yet (or ran dry): send silence, as a mic would
             frame = av.AudioFrame(format="s16", layout="stereo", samples=ECHO_SAMPLES)
             for plane in frame.planes:
                 plane.update(bytes(plane.buffer_size))

@@ -95,7 +95,7 @@ class Recording:
 
     video_arrivals: list[float] = field(default_factory=list)  # time.monotonic()
     video_pts: list[int] = field(default_factory=list)
-    video_frames: list[np.ndarray] = field(default_factory=list)  # rgb24, if kept
+    video_frames: list[np.ndarray] = field(default_factory=list)  # bgr24 (or a region), if kept
     video_size: tuple[int, int] | None = None  # (width, height)
     audio_chunks: list[np.ndarray] = field(default_factory=list)  # mono float32
     audio_arrivals: list[float] = field(default_factory=list)  # one per chunk
@@ -134,6 +134,7 @@ class RtcClient:
         audio_codec: str | None = None,  # e.g. "audio/PCMU" to force an 8 kHz codec
         whip: bool = False,
         keep_video: bool = False,
+        video_region: tuple[int, int, int, int] | None = None,  # (y0, y1, x0, x1) to keep
         receive_video: bool = True,
     ):
         self.base_url = base_url.rstrip("/")
@@ -142,6 +143,7 @@ class RtcClient:
         self.audio_codec = audio_codec
         self.whip = whip
         self.keep_video = keep_video
+        self.video_region = video_region
         self.receive_video = receive_video
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.recording = Recording()
@@ -179,7 +181,11 @@ class RtcClient:
                 rec.video_pts.append(frame.pts)
                 rec.video_size = (frame.width, frame.height)
                 if self.keep_video:
-                    rec.video_frames.append(frame.to_ndarray(format="rgb24"))
+                    image = frame.to_ndarray(format="bgr24")
+                    if self.video_region is not None:
+                        y0, y1, x0, x1 = self.video_region
+                        image = image[y0:y1, x0:x1].copy()
+                    rec.video_frames.append(image)
                 self.first_video.set()
         except MediaStreamError:
             pass

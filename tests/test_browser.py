@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from realtime_avatar.server import SERVER_KEY, create_app
+from realtime_avatar.session import AvatarSession, SessionConfig
 from tests.browser import CHROMIUM, chromium_page
-from tests.loopback_session import loopback_factory
 from tests.rtc_client import serving
 from tests.speech import espeak_wav
 
@@ -23,27 +23,26 @@ MIN_FRAMES = 50
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} missing: apt-get install -y chromium")
-def test_page_streams_mic_to_the_server_and_shows_the_avatar(tmp_path):
+def test_page_streams_mic_to_the_server_and_shows_the_avatar(runtime, tmp_path):
     # 48 kHz 16-bit PCM: what Chromium's fake capture device reads (it loops the file)
     wav = espeak_wav("Hello from the browser. One two three four.", tmp_path / "mic.wav", rate=48_000)
     shot_path = tmp_path / "avatar.png"
 
+    async def factory():
+        config = SessionConfig(streaming=runtime.streaming, render_budget_s=1.0, batch_size=8)
+        return AvatarSession(runtime.encoder, runtime.renderer, config)
+
     async def scenario():
-        app = create_app(loopback_factory, token=TOKEN)
+        app = create_app(factory, token=TOKEN)
         server = app[SERVER_KEY]
         async with serving(app) as url, chromium_page(tmp_path / "profile", wav) as page:
             await page.goto(f"{url}/?token={TOKEN}")
             t0 = time.monotonic()
             await page.click("#start")
-            try:
-                await page.wait_for_function(
-                    f"window.avatar.stats.framesDecoded >= {MIN_FRAMES} && window.avatar.server",
-                    timeout=20_000,
-                )
-            except Exception:
-                state = await page.evaluate("JSON.stringify(window.avatar)")
-                raise AssertionError(f"page never decoded {MIN_FRAMES} frames: {state}\n"
-                                     + "\n".join(page.console_lines))
+            await wait_on_page(
+                page, f"window.avatar.stats.framesDecoded >= {MIN_FRAMES} && window.avatar.server", 20,
+                f"the page never decoded {MIN_FRAMES} frames",
+            )
             took = time.monotonic() - t0
             page_state = await page.evaluate("window.avatar")
             assert list(server.peers) == [page_state["sessionId"]]
@@ -54,7 +53,7 @@ def test_page_streams_mic_to_the_server_and_shows_the_avatar(tmp_path):
             table = await page.inner_text("#stats")
 
             await page.click("#start")  # Stop: DELETE the session, close the peer
-            await page.wait_for_function("window.avatar.state === 'idle'", timeout=5_000)
+            await wait_on_page(page, "window.avatar.state === 'idle'", 5, "Stop did not return to idle")
             gone = await asyncio.wait_for(_wait_empty(server), 5)
             return page_state, heard, sent, png, table, took, gone
 
@@ -74,6 +73,23 @@ def test_page_streams_mic_to_the_server_and_shows_the_avatar(tmp_path):
     image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_GRAYSCALE)
     assert image.shape[0] > 100 and image.shape[1] > 100
     assert image.std() > 10, f"the video element looks blank (pixel std {image.std():.1f})"
+    # and it is the avatar: the screenshot matches the avatar's frame (up to pose and codec)
+    h, w = runtime.avatar.frame_shape[:2]
+    shown = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA).astype(np.float32)
+    avatar = cv2.cvtColor(runtime.renderer.idle_frame(0), cv2.COLOR_BGR2GRAY).astype(np.float32)
+    similarity = np.corrcoef(shown.ravel(), avatar.ravel())[0, 1]
+    print(f"screenshot {image.shape[1]}x{image.shape[0]}, correlation with the avatar {similarity:.3f}")
+    assert similarity > 0.8
+
+
+async def wait_on_page(page, condition: str, timeout_s: float, what: str) -> None:
+    """Wait for a JavaScript condition; on timeout fail with the page's state and console."""
+    try:
+        await page.wait_for_function(condition, timeout=timeout_s * 1000, polling=100)
+    except Exception as exc:
+        state = await page.evaluate("JSON.stringify(window.avatar)")
+        raise AssertionError(f"{what} within {timeout_s} s ({exc}); window.avatar = {state}\n"
+                             + "\n".join(page.console_lines)) from None
 
 
 async def _wait_empty(server) -> float:
