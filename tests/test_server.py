@@ -7,10 +7,13 @@ video). Every test runs its own event loop and server on a free port.
 from __future__ import annotations
 
 import asyncio
+import fractions
 import gc
 import io
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,12 +26,16 @@ import av
 from aiohttp import web
 import numpy as np
 import pytest
+import soxr
+from aiortc import MediaStreamTrack
+from aiortc.mediastreams import MediaStreamError
 
 from realtime_avatar.server import (
     SERVER_KEY,
     AudioInStats,
     MetricsSnapshot,
     OfferError,
+    PtimeAudioTrack,
     bearer_token,
     check_offer_sdp,
     create_app,
@@ -166,6 +173,49 @@ def test_audio_in_stats_reads_levels_of_packed_stereo_s16(speech_wav):
     assert stats.frames == 2 and stats.samples == 2 * (rate // 50)
     assert stats.seconds == pytest.approx(0.04)
     assert stats.peak == pytest.approx(np.abs(pcm[: rate // 50]).max() / 32768, rel=1e-4)
+
+
+class ListTrack(MediaStreamTrack):
+    """Plays a list of frames, then ends."""
+
+    kind = "audio"
+
+    def __init__(self, frames):
+        super().__init__()
+        self._frames = list(frames)
+
+    async def recv(self):
+        if not self._frames:
+            raise MediaStreamError
+        return self._frames.pop(0)
+
+
+def pcm_frames(samples: np.ndarray, rate: int, per_frame: int) -> list[av.AudioFrame]:
+    frames = []
+    for i in range(0, len(samples), per_frame):
+        frame = av.AudioFrame.from_ndarray(samples[None, i : i + per_frame], format="s16", layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = rate, i, fractions.Fraction(1, rate)
+        frames.append(frame)
+    return frames
+
+
+@pytest.mark.parametrize("rate, frame_ms", [(16_000, 40), (48_000, 20), (8_000, 60)])
+def test_ptime_audio_track_reframes_to_20_ms_losslessly(speech_wav, rate, frame_ms):
+    speech, speech_rate = read_wav(speech_wav)
+    pcm = (soxr.resample(speech, speech_rate, rate) * 32767).astype(np.int16)[: rate]  # 1 s
+    source = ListTrack(pcm_frames(pcm, rate, rate * frame_ms // 1000))
+
+    async def drain():
+        track, out = PtimeAudioTrack(source), []
+        with pytest.raises(MediaStreamError):
+            while True:
+                out.append(await track.recv())
+        return out
+
+    out = asyncio.run(drain())
+    assert {f.samples for f in out} == {rate // 50}  # 20 ms each
+    assert [f.pts for f in out] == [k * rate // 50 for k in range(len(out))]
+    assert np.array_equal(np.concatenate([f.to_ndarray()[0] for f in out]), pcm[: len(out) * rate // 50])
 
 
 # --- real peers -------------------------------------------------------------------------------
@@ -328,6 +378,52 @@ def test_real_session_round_trip_rate_audio_and_lips(runtime, speech_wav):
         assert np.median(moved) > np.median(rested) + 2
 
 
+LOOPBACK_ONLY_PROBE = """
+import asyncio, json, sys
+import aiohttp
+from realtime_avatar.server import create_app
+from tests.loopback_session import loopback_factory
+from tests.rtc_client import RtcClient, WavMicrophoneTrack, serving
+
+async def main(wav, loopback):
+    app = create_app(loopback_factory, loopback_candidates=loopback)
+    async with serving(app) as url, aiohttp.ClientSession() as http:
+        client = RtcClient(url, WavMicrophoneTrack(wav))
+        await client.connect(http)
+        try:
+            await asyncio.wait_for(client.first_video.wait(), 5 if loopback else 1)
+        except asyncio.TimeoutError:
+            pass
+        candidates = [l for l in client.answer_sdp.splitlines() if l.startswith("a=candidate:")]
+        print(json.dumps({"candidates": candidates, "frames": len(client.recording.video_arrivals)}))
+        await client.close(http)
+
+asyncio.run(main(sys.argv[1], sys.argv[2] == "1"))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
+                    reason="needs root and unshare(1) to make a loopback-only network namespace")
+def test_loopback_only_host_answer_has_a_127_0_0_1_candidate_and_connects(speech_wav):
+    """In a network namespace whose only interface is lo (a container, CI): aioice alone
+    offers no candidate at all; with the server's loopback candidates the peers connect."""
+    results = {}
+    for loopback in (False, True):
+        probe = subprocess.run(
+            ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" -c "$1" "$2" "$3"',
+             sys.executable, LOOPBACK_ONLY_PROBE, str(speech_wav), "1" if loopback else "0"],
+            cwd=REPO, capture_output=True, text=True, timeout=60,
+        )
+        if probe.returncode != 0 and "unshare" in probe.stderr and "Operation not permitted" in probe.stderr:
+            pytest.skip(f"cannot create a network namespace here: {probe.stderr.strip()}")
+        assert probe.returncode == 0, probe.stderr
+        results[loopback] = json.loads(probe.stdout.strip().splitlines()[-1])
+    print(results)
+    assert results[False]["candidates"] == []  # what DESIGN.md warns about
+    assert results[True]["candidates"] and all(" 127.0.0.1 " in c for c in results[True]["candidates"])
+    assert results[True]["frames"] > 0
+
+
 def test_fifty_connect_disconnect_cycles_leave_nothing_behind(speech_wav):
     """Half the clients hang up with DELETE, half by just closing their peer connection."""
     cycles = 50
@@ -429,6 +525,9 @@ def test_whip_create_delete_and_errors(speech_wav):
             assert client.answer_sdp.startswith("v=0")
             await asyncio.wait_for(client.first_video.wait(), 5)
             assert list(server.peers) == [client.session_id]
+            async with http.post(f"{url}/sessions/{client.session_id}/interrupt") as response:
+                assert response.status == 204  # barge-in reaches the session
+            assert server.peers[client.session_id].session.interrupts == 1
 
             async with http.delete(client.resource_url) as response:
                 assert response.status == 200
@@ -438,6 +537,8 @@ def test_whip_create_delete_and_errors(speech_wav):
             async with http.delete(f"{url}/whip/0123456789abcdef") as response:
                 assert response.status == 404
                 assert "no session" in (await response.json())["error"]
+            async with http.get(f"{url}/sessions/{client.session_id}/stats") as response:
+                assert response.status == 404  # gone with the session
             async with http.patch(f"{url}/whip/{client.session_id}") as response:
                 assert response.status == 405  # no trickle ICE (RFC 9725 allows refusing it)
             await client.close()
