@@ -134,6 +134,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "(prepared and cached on first use); default: the bundled astronaut photo")
     p.add_argument("--whisper", default="tiny.en", help="Whisper weights (default tiny.en, offline copy)")
     p.add_argument("--batch", type=int, default=8, help="frames per model call (default 8)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx", "tensorrt"],
+                   help="where the UNet and decoder run: auto picks the fastest engine that passes its "
+                        "accuracy gate on this machine (TensorRT on a GPU, else ONNX Runtime, else torch); "
+                        "engines are built once and cached in engines/ (default auto)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
 
 
@@ -141,7 +145,7 @@ def _runtime(args):
     from .runtime import load_runtime
 
     return load_runtime(args.model, args.avatar, args.whisper, allow_random=args.allow_random_weights,
-                        batch_size=args.batch, threads=args.threads)
+                        backend=args.backend, batch_size=args.batch, threads=args.threads)
 
 
 def cmd_prepare(args) -> int:

@@ -89,6 +89,7 @@ def load_runtime(
     whisper: str = "tiny.en",
     *,
     allow_random: bool = False,
+    backend: str = "auto",
     batch_size: int = 8,
     threads: int | None = None,
     progress: bool = True,
@@ -98,6 +99,11 @@ def load_runtime(
     t0 = time.perf_counter()
     encoder = load_whisper(whisper).encoder
     renderer_model = load_model(model, allow_random=allow_random)
+    if backend != "torch":
+        from .engines import select_backend
+
+        # encode() stays the torch model's (avatar preparation); render() runs on the engine
+        renderer_model = select_backend(renderer_model, backend, batch_size=batch_size, threads=threads)
     prepared = resolve_avatar(avatar, renderer_model, progress)
     renderer = AvatarRenderer(renderer_model, prepared, silence_window(encoder), batch_size=batch_size)
     runtime = Runtime(encoder, renderer_model, prepared, renderer)
