@@ -411,7 +411,7 @@ def plot(result: dict, plots: Path | None) -> list[str]:
 
 
 def run(args: argparse.Namespace, bench: common.BenchRuntime | None = None) -> dict:
-    bench = bench or common.load_bench_runtime(args.quick, threads=args.threads)
+    bench = bench or common.load_bench_runtime(args.quick, threads=args.threads, backend=args.backend)
     words = args.words or (3 if args.quick else 16)
     signal = common.onset_signal(common.onset_words(words), GAP_S, lead_s=LEAD_S, tail_s=0.5)
     config = SessionConfig(streaming=bench.runtime.streaming, batch_size=args.session_batch,

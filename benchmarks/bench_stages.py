@@ -130,9 +130,14 @@ def bench_split(nets: dict, batch: int, windows: np.ndarray, latents: torch.Tens
     return rows
 
 
+def base_model(model):
+    """The family's own model under an engine wrapper (realtime_avatar.engines.BackendModel)."""
+    return model.model if hasattr(model, "backend_name") and hasattr(model, "model") else model
+
+
 def split_nets(model) -> dict:
     """{precision: net} for models that split into .net.unet and .net.decoder (compact family)."""
-    net = getattr(model, "net", None)
+    net = getattr(base_model(model), "net", None)
     if net is None or not hasattr(net, "unet") or not hasattr(net, "decoder"):
         return {}
     return {"fp32": net, "bf16": _copy_net(net, torch.channels_last)}
@@ -142,6 +147,7 @@ def backends_for(model, threads: int, quick: bool) -> tuple[dict, dict]:
     """RendererModels per backend available here, and why the others are not."""
     from realtime_avatar.models.compact import CompactModel
 
+    model = base_model(model)
     out, skipped = {"torch-fp32": model}, {}
     if isinstance(model, CompactModel):
         out["torch-bf16"] = CompactModel(_copy_net(model.net), precision="bf16", channels_last=True,
@@ -172,7 +178,8 @@ def bench_renderer(renderer, batch: int, windows: np.ndarray, repeats: int) -> d
     positions = list(range(batch))
     w = np.ascontiguousarray(windows[:batch])
     times = common.time_calls(lambda: renderer.render(positions, w), repeats)
-    return _row("AvatarRenderer.render (graph + blend)", f"runtime model, batch {batch}", times, batch)
+    backend = getattr(renderer.model, "backend_name", "torch")
+    return _row("AvatarRenderer.render (graph + blend)", f"runtime ({backend}), batch {batch}", times, batch)
 
 
 def bench_blend(avatar, patches: np.ndarray, repeats: int) -> dict:
@@ -208,7 +215,7 @@ def bench_video_encode(frames: list[np.ndarray], repeats: int) -> list[dict]:
 
 
 def run(args: argparse.Namespace, bench: common.BenchRuntime | None = None) -> dict:
-    bench = bench or common.load_bench_runtime(args.quick, threads=args.threads)
+    bench = bench or common.load_bench_runtime(args.quick, threads=args.threads, backend=args.backend)
     rt = bench.runtime
     repeats = args.repeats or (3 if args.quick else 60)
     batches = [int(b) for b in (args.batches or ("1,4" if args.quick else "1,4,8")).split(",")]

@@ -12,6 +12,7 @@ same clock), so client, server and session times in one process compare directly
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import platform
@@ -200,6 +201,7 @@ class BenchRuntime:
         s = rt.streaming
         return {
             "model": rt.model.model_id,
+            "backend": getattr(rt.model, "backend_name", "torch"),
             "weights": self.weights,
             "weights_hash": rt.model.weights_hash(),
             "avatar_frames": rt.avatar.num_frames,
@@ -210,10 +212,11 @@ class BenchRuntime:
         }
 
 
-def load_bench_runtime(quick: bool, batch_size: int = 8, threads: int = 2) -> BenchRuntime:
+def load_bench_runtime(quick: bool, batch_size: int = 8, threads: int = 2, backend: str | None = None) -> BenchRuntime:
     """The runtime `realtime-avatar serve` uses: the default model (trained weights when they are
-    installed, else random ones: the same compute) and the bundled astronaut avatar. --quick
-    uses a 10-frame idle cycle of the same face so that preparing it and its idle frames is fast."""
+    installed, else random ones: the same compute) on load_runtime's default render backend
+    (or `backend`), and the bundled astronaut avatar. --quick uses a 10-frame idle cycle of the
+    same face so that preparing it and its idle frames is fast."""
     import warnings
 
     import torch
@@ -242,8 +245,9 @@ def load_bench_runtime(quick: bool, batch_size: int = 8, threads: int = 2) -> Be
         avatar = out_dir
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
+        extra = {} if backend is None else {"backend": backend}
         runtime = load_runtime("default", avatar, allow_random=True, batch_size=batch_size, threads=threads,
-                               progress=False)
+                               progress=False, **extra)
     weights = "trained" if DEFAULT_COMPACT_WEIGHTS.is_file() else "random"
     return BenchRuntime(runtime, weights, time.perf_counter() - t0)
 
@@ -253,7 +257,7 @@ def wrap_runtime(runtime: Any, load_seconds: float = 0.0) -> BenchRuntime:
     from realtime_avatar.models.registry import DEFAULT_COMPACT_WEIGHTS, state_dict_hash
 
     weights = "random"
-    if DEFAULT_COMPACT_WEIGHTS.is_file() and hasattr(runtime.model, "net"):
+    if DEFAULT_COMPACT_WEIGHTS.is_file():
         from safetensors.torch import load_file
 
         trained = state_dict_hash(load_file(str(DEFAULT_COMPACT_WEIGHTS)))
@@ -491,6 +495,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json-only", action="store_true", help="print the JSON result only, no table")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON result to this file")
     parser.add_argument("--plots", type=Path, default=None, help="write PNG plots into this directory")
+    parser.add_argument("--backend", default=None,
+                        help="render backend of the runtime (torch, onnx, auto; default: what serve uses)")
 
 
 def finish(result: dict[str, Any], args: argparse.Namespace, markdown: Callable[[dict], str]) -> dict[str, Any]:
@@ -649,11 +655,10 @@ def instrumented_session(encoder: Any, renderer: Any, config: Any, *, signature_
 
 
 def time_ring_reached(input_log: Sequence[tuple[float, int]], sample: int) -> float | None:
-    """When the ring first held audio up to and including `sample` (from a session's input_log)."""
-    for t, write_index in input_log:
-        if write_index > sample:
-            return t
-    return None
+    """When the ring first held audio up to and including `sample` (from a session's input_log,
+    whose write indices only grow)."""
+    k = bisect.bisect_right(input_log, sample, key=lambda entry: entry[1])
+    return input_log[k][0] if k < len(input_log) else None
 
 
 def features_final_at(encoder_log: Sequence[tuple[int, int, float, float]], feature: int) -> tuple[float, float] | None:

@@ -78,27 +78,16 @@ def suite_markdown(report: dict) -> str:
     """latest.md: the machine, then each benchmark's own table (or its error)."""
     import importlib
 
-    m = report["machine"]
-    hardware = f"{m['cpu']}, {m['cores']} cores ({', '.join(m['cpu_flags']) or 'no AVX'}), {m['memory_gib']} GiB"
-    hardware += f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
-    lines = [
-        f"# Latency benchmarks ({report['mode']} run)",
-        "",
-        f"Measured {report['started']} in {report['seconds']:.0f} s on {hardware}; torch "
-        f"{m['versions']['torch']} ({m['torch_threads']} threads), onnxruntime {m['versions']['onnxruntime']}, "
-        f"aiortc {m['versions']['aiortc']}, commit {m['git_commit']}.",
-        f"Load average (1/5/15 min) before: {report['load_before']}, after: {report['load_after']}."
-        + (f" Other CPU-heavy work was running: {'; '.join(report['competing_processes'])}."
-           if report["competing_processes"] else ""),
-        "",
-    ]
+    lines = [f"# Latency benchmarks ({report['mode']} run)", "", machine_line(report), ""]
     if report["mode"] == "quick":
         lines += ["**Quick mode**: short runs that check the scripts work; the numbers are not the "
                   "suite's (run `benchmarks/run_all.py` without --quick for those).", ""]
+    lines += ["## Headline", "", headline(report)]
     runtime = next((r["runtime"] for r in report["results"].values() if isinstance(r, dict) and "runtime" in r), None)
     if runtime:
         s = runtime["streaming"]
-        lines += [f"Runtime: model {runtime['model']} ({runtime['weights']} weights, {runtime['weights_hash'][:12]}), "
+        lines += [f"Runtime: model {runtime['model']} ({runtime['weights']} weights, {runtime['weights_hash'][:12]}, "
+                  f"{runtime.get('backend', 'torch')} backend), "
                   f"avatar {runtime['avatar_frames']} frames {runtime['frame_size']}, encoder window {s['window_s']:g} s "
                   f"/ hop {s['hop_s']:g} s / lookahead {s['lookahead_s']:g} s.", ""]
     for name, result in report["results"].items():
@@ -116,6 +105,104 @@ def suite_markdown(report: dict) -> str:
             lines.append(f"![{name}]({Path(plot).name})")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _get(data: dict, *keys, default=None):
+    for key in keys:
+        if not isinstance(data, dict) or key not in data:
+            return default
+        data = data[key]
+    return data
+
+
+def _ms(value) -> str:
+    return "–" if value is None else f"{value:.0f} ms"
+
+
+def headline(report: dict) -> str:
+    """The numbers people compare, one line each, from whichever benchmarks succeeded."""
+    r = {name: result for name, result in report["results"].items() if "error" not in result}
+    rows: list[dict] = []
+
+    def add(measure: str, value: str) -> None:
+        rows.append({"measure": measure, "value": value})
+
+    e2e = _get(r, "e2e_webrtc", "summary")
+    if e2e:
+        true, seen = e2e["mouth_onset_latency_true_ms"], e2e["mouth_onset_latency_ms"]
+        weights = _get(r, "e2e_webrtc", "runtime", "weights")
+        why = " (random weights: the rendered mouth hardly moves)" if weights == "random" and not seen["n"] else ""
+        add("mouth-onset latency over WebRTC loopback, median / p90",
+            f"{_ms(true['median'])} / {_ms(true['p90'])} (first rendered mouth); detected in video: "
+            f"{_ms(seen['median'])} (n={seen['n']}){why}")
+        add("audio latency (spoken -> heard back), median", _ms(e2e["audio_latency_ms"]["median"]))
+        add("A/V offset, mouth minus voice onset: in the stream / as received",
+            f"{_ms(e2e['av_offset_content_ms']['median'])} / {_ms(e2e['av_offset_received_ms']['median'])}")
+        add("session output delay (right context + lookahead + hop + render budget)",
+            _ms(e2e["design_ms"]["output_delay_ms"]))
+    stages = _get(r, "stages", "rows") or []
+    renders = [row for row in stages if row["stage"].startswith("AvatarRenderer.render") and row.get("per_frame_ms")]
+    if renders:
+        add("render + blend per frame (the runtime's renderer)",
+            ", ".join(f"{row['per_frame_ms']:.1f} ms at {row['setting'].split(', ')[-1]}" for row in renders))
+    graphs = [row for row in stages if row["stage"].startswith("render graph") and row.get("per_frame_ms")]
+    if graphs:
+        best = min(graphs, key=lambda row: row["per_frame_ms"])
+        add("fastest render graph here", f"{best['per_frame_ms']:.1f} ms per frame ({best['setting']})")
+    hops = [row for row in stages if row["stage"] == "whisper encoder hop"]
+    if hops:
+        add("Whisper encoder hop, median", "; ".join(f"{_ms(row['median'])} ({row['setting'].split(':')[0]})" for row in hops))
+    sustained = r.get("sustained")
+    if sustained:
+        f = sustained["frames"]
+        add(f"sustained {sustained['settings']['seconds']:.0f} s: frames delivered / expected, late frames",
+            f"{f['ticks']} / {f['expected_ticks']}, {f['late_frames']} late ({f['late_ticks']} late ticks)")
+        add("sustained: A/V offset drift, latency drift, RSS growth",
+            f"{sustained['av_offset_drift_ms_per_min']} ms/min, {sustained['mouth_latency_drift_ms_per_min']} ms/min, "
+            f"{sustained['rss_mib']['growth_mib_per_min_second_half']} MiB/min")
+    concurrency = r.get("concurrency")
+    if concurrency:
+        add("concurrent sessions holding 25 fps (of " + ", ".join(str(lv["sessions"]) for lv in concurrency["levels"]) + ")",
+            str(concurrency["max_sessions_holding_25fps"]))
+    for row in _get(r, "baseline", "rows") or []:
+        add(f"time to first frame, {row['utterance_s']:g} s utterance: offline / streaming",
+            f"{_ms(row['offline_ttff_from_speech_start_ms'])} / {_ms(row['streaming_ttff_ms'])}")
+    return common.markdown_table(rows, ["measure", "value"]) if rows else "(no results)\n"
+
+
+README_START = "<!-- results:start (written by run_all.py) -->"
+README_END = "<!-- results:end -->"
+
+
+def machine_line(report: dict) -> str:
+    m = report["machine"]
+    hardware = f"{m['cpu']}, {m['cores']} cores ({', '.join(m['cpu_flags']) or 'no AVX'}), {m['memory_gib']} GiB"
+    hardware += f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
+    line = (f"{report['mode'].capitalize()} run of {report['started']} ({report['seconds']:.0f} s) on {hardware}; "
+            f"torch {m['versions']['torch']} ({m['torch_threads']} threads), onnxruntime "
+            f"{m['versions']['onnxruntime']}, aiortc {m['versions']['aiortc']}, commit {m['git_commit']}. "
+            f"Load average before / after: {report['load_before']} / {report['load_after']}.")
+    if report["competing_processes"]:
+        line += " Other CPU-heavy work was running (" + "; ".join(report["competing_processes"]) + ")."
+    return line
+
+
+def update_readme(report: dict, readme: Path) -> bool:
+    """Replace the results section of benchmarks/README.md (between its markers)."""
+    if not readme.is_file():
+        return False
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        return False
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    body = [machine_line(report), ""]
+    if report["mode"] == "quick":
+        body += ["**Quick mode**: short runs that show every benchmark works and what it reports, not "
+                 "the suite's numbers.", ""]
+    body.append(headline(report))
+    readme.write_text(head + README_START + "\n" + "\n".join(body) + README_END + tail)
+    return True
 
 
 def write_report(report: dict, results: Path) -> tuple[Path, Path]:
@@ -138,7 +225,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=None, help="comma-separated benchmark names to run (default: all)")
     parser.add_argument("--no-extras", action="store_true", help="skip bench_backends / bench_streaming_whisper")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--render-only", action="store_true",
+                        help="run nothing: rewrite latest.md (and the README section) from latest.json")
     args = parser.parse_args(argv)
+
+    if args.render_only:
+        report = json.loads((args.results / "latest.json").read_text())
+        write_report(report, args.results)
+        if args.results.resolve() == common.RESULTS_DIR.resolve():
+            update_readme(report, HERE / "README.md")
+        return 0
 
     only = set(args.only.split(",")) if args.only else None
     plan = [(n, s, a, t) for n, s, a, t in SUITE if only is None or n in only]
@@ -176,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     report["load_after"] = [round(x, 2) for x in os.getloadavg()]
     report["competing_processes"] = sorted(set(report["competing_processes"]) | set(common.competing_processes()))
     write_report(report, args.results)
+    if args.results.resolve() == common.RESULTS_DIR.resolve():
+        update_readme(report, HERE / "README.md")
     print(f"wrote {args.results / 'latest.json'} and latest.md in {report['seconds']:.0f} s", file=sys.stderr)
     return 1 if any("error" in r for r in report["results"].values()) else 0
 

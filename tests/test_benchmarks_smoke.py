@@ -82,6 +82,14 @@ def test_align_stream_recovers_a_known_offset_and_breaks_ties_by_timing():
     assert common.align_stream(gaps, [0.0] * len(gaps), received, sent_times, sent) is None
 
 
+def test_time_ring_reached_finds_the_write_that_brought_a_sample():
+    log = [(1.0, 320), (1.02, 640), (1.04, 960)]  # (time, ring write index after the write)
+    assert common.time_ring_reached(log, 0) == 1.0
+    assert common.time_ring_reached(log, 320) == 1.02  # sample 320 came with the second write
+    assert common.time_ring_reached(log, 959) == 1.04
+    assert common.time_ring_reached(log, 960) is None  # not written yet
+
+
 def test_motion_threshold_sits_above_codec_noise():
     noise = np.abs(np.random.default_rng(2).normal(0, 1.0, 200))
     threshold = common.motion_threshold(noise)
