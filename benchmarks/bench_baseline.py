@@ -62,13 +62,15 @@ async def streaming_ttff(bench: common.BenchRuntime, audio16: np.ndarray, config
     pusher = asyncio.create_task(common.push_realtime([session], audio48, common.WEBRTC_RATE))
     first_frame = first_mouth = None
     deadline = t_first + len(audio16) / SAMPLE_RATE + 10.0
+    ticks = session.tick_log
     while (first_frame is None or first_mouth is None) and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
-        for tick in session.tick_log:
-            if first_frame is None and tick.frame is not None:
-                first_frame = tick.t
-            if first_mouth is None and tick.rendered:
-                first_mouth = tick.t
+        played = np.flatnonzero(ticks.column("frame") >= 0)
+        rendered = np.flatnonzero(ticks.column("rendered") > 0)
+        if first_frame is None and len(played):
+            first_frame = float(ticks.column("t")[played[0]])
+        if first_mouth is None and len(rendered):
+            first_mouth = float(ticks.column("t")[rendered[0]])
     pusher.cancel()
     await asyncio.gather(pusher, return_exceptions=True)
     stats = session.stats()

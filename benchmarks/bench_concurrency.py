@@ -120,7 +120,6 @@ def _per_session(session, stats: dict, sender) -> dict:
         mouth = next((t for t in ticks if t.rendered and t.frame is not None and t.frame >= frame - 3), None)
         if mouth is not None and t_in is not None and mouth.t - t_in < 5.0:
             mouth_ms.append(1000 * (mouth.t - t_in))
-    render_calls = session.render_log
     speech = stats["rendered_frames"] + stats["late_frames"]
     return {
         "fps": round(len(ticks) / elapsed, 2) if elapsed else None,
@@ -133,7 +132,7 @@ def _per_session(session, stats: dict, sender) -> dict:
         "rendered_frames": stats["rendered_frames"],
         "latency_ms": stats["latency_ms"],
         "mouth_onset_latency_ms": common.summarize(mouth_ms, 1)["median"],
-        "render_call_ms": common.summarize([1000 * d for _, d, _ in render_calls], 1)["median"],
+        "render_call_ms": common.summarize(1000 * session.render_log["seconds"], 1)["median"],
         "encoder_ms_per_run": stats["encoder_ms_per_run"],
         "vp8_encode_ms": common.summarize(sender.encode_ms, 2)["median"] if sender else None,
         "vp8_frames_skipped": sender.skipped if sender else None,

@@ -35,6 +35,7 @@ from realtime_avatar.session import SessionConfig  # noqa: E402
 from realtime_avatar.timing import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME  # noqa: E402
 
 SAMPLE_EVERY_S = 1.0  # RSS and session-stats sampling period
+MIN_GAP_S = 0.5  # quiet before a speech onset (the signal's pauses are 0.6-3 s)
 
 
 def speech_and_silence(seconds: float, seed: int = 0) -> common.OnsetSignal:
@@ -55,96 +56,102 @@ def speech_and_silence(seconds: float, seed: int = 0) -> common.OnsetSignal:
 async def run_session(bench: common.BenchRuntime, signal: common.OnsetSignal, seconds: float,
                       config: SessionConfig) -> dict:
     runtime = bench.runtime
-    session = common.instrumented_session(runtime.encoder, runtime.renderer, config)
-    await session.start()
-    samples: list[tuple[float, float, dict]] = []  # (time, rss MiB, stats)
+    # no audio kept and every log preallocated: RSS growth is the session's own
+    session = common.instrumented_session(runtime.encoder, runtime.renderer, config, keep_audio=False,
+                                          capacity_s=seconds + 60)
+    samples = common.Columns(("t", "rss_mib", "late_frames"), int((seconds + 60) / SAMPLE_EVERY_S))
 
     async def sample() -> None:
         while True:
-            samples.append((time.monotonic(), common.rss_mb(), session.stats()))
+            samples.append(time.monotonic(), common.rss_mb(), session.late_frames)
             await asyncio.sleep(SAMPLE_EVERY_S)
 
+    await session.start()
     sampler = asyncio.create_task(sample())
-    t_push = await common.push_realtime([session], signal.samples, signal.rate, stop_after_s=seconds)
+    await common.push_realtime([session], signal.samples, signal.rate, stop_after_s=seconds)
     await asyncio.sleep(config.output_delay_s + config.max_backlog_s + 0.3)  # let the last frames out
     sampler.cancel()
     await asyncio.gather(sampler, return_exceptions=True)
-    samples.append((time.monotonic(), common.rss_mb(), session.stats()))
+    samples.append(time.monotonic(), common.rss_mb(), session.late_frames)
+    stats = session.stats()
     await session.close()
-    return {"session": session, "samples": samples, "t_push": t_push, "t0": session.started_at}
+    return {"session": session, "samples": samples, "stats": stats, "t0": session.started_at}
 
 
-def onset_events(session, signal: common.OnsetSignal, pushed_s: float) -> list[dict]:
-    """Per speech onset: the A/V offset in the emitted stream and the in-session latency."""
+def onset_events(session) -> tuple[list[dict], int]:
+    """Per speech onset in the emitted audio: the A/V offset in the emitted stream (mouth-onset
+    tick minus the onset's position) and the in-session latencies."""
     ticks = session.tick_log
-    out_audio = np.concatenate(session.output_chunks) if session.output_chunks else np.zeros(0, np.float32)
-    # the emitted audio is tick after tick of 640 samples: sample s is in tick s // 640
-    emitted = [round(t * SAMPLE_RATE) for t in common.detect_onsets(out_audio, SAMPLE_RATE, min_gap_s=0.5)]
-    server_input = np.concatenate(session.input_chunks) if session.input_chunks else np.zeros(0, np.float32)
-    received = [round(t * SAMPLE_RATE) for t in common.detect_onsets(server_input, SAMPLE_RATE, min_gap_s=0.5)]
+    n = ticks.column("n")
+    frames = ticks.column("frame")
+    rendered = ticks.column("rendered") > 0
+    loud = ticks.column("loud_at")
+    # the emitted audio is tick after tick of 640 samples: tick k holds samples [640k, 640k + 640)
+    starts = n * SAMPLES_PER_FRAME
+    gap = int(MIN_GAP_S * SAMPLE_RATE)
+    emitted = common.chunk_onsets(np.where(loud >= 0, starts + loud, -1), starts + SAMPLES_PER_FRAME, gap)
+    heard = common.chunk_onsets(session.input_log["loud_at"], session.input_log["write_index"], gap)
     events = []
     for s_out in emitted:
-        n_audio = s_out // SAMPLES_PER_FRAME
-        if n_audio >= len(ticks) or ticks[n_audio].frame is None:
+        k = s_out // SAMPLES_PER_FRAME
+        if frames[k] < 0:
             continue
-        frame = ticks[n_audio].frame  # the input frame whose audio holds the onset
+        frame = int(frames[k])  # the input frame whose audio holds the onset
         s_in = frame * SAMPLES_PER_FRAME + s_out % SAMPLES_PER_FRAME
-        mouth = next((t for t in ticks[max(0, n_audio - 8): n_audio + 25]
-                      if t.rendered and t.frame is not None and t.frame >= frame - 3), None)
+        # the first tick showing a rendered mouth whose window reaches the onset (2i+5 >= onset)
+        near = np.flatnonzero(rendered[max(0, k - 8): k + 25] & (frames[max(0, k - 8): k + 25] >= frame - 3))
         t_in = common.time_ring_reached(session.input_log, s_in)
         event = {"t_s": round(s_in / SAMPLE_RATE, 2)}
-        if mouth is not None:
-            event["av_offset_ms"] = round((mouth.n - n_audio) * FRAME_MS - (s_out % SAMPLES_PER_FRAME) / SAMPLE_RATE * 1000, 1)
+        if len(near):
+            m = max(0, k - 8) + int(near[0])
+            event["av_offset_ms"] = round((m - k) * FRAME_MS - (s_out % SAMPLES_PER_FRAME) / SAMPLE_RATE * 1000, 1)
             if t_in is not None:
-                event["mouth_latency_ms"] = round(1000 * (mouth.t - t_in), 1)
+                event["mouth_latency_ms"] = round(1000 * (ticks.column("t")[m] - t_in), 1)
         if t_in is not None:
-            event["audio_latency_ms"] = round(1000 * (ticks[n_audio].t - t_in), 1)
+            event["audio_latency_ms"] = round(1000 * (ticks.column("t")[k] - t_in), 1)
         events.append(event)
-    return events, len(received)
+    return events, len(heard)
 
 
-def time_series(session, samples, t0: float, bin_s: float) -> list[dict]:
-    ticks = session.tick_log
-    t_end = ticks[-1].t if ticks else t0
+def time_series(session, samples: common.Columns, t0: float, bin_s: float) -> list[dict]:
+    t = session.tick_log.column("t")
+    lateness = 1000 * (t - (t0 + session.tick_log.column("n") / FPS))
     bins = []
-    for b0 in np.arange(t0, t_end, bin_s):
-        b1 = b0 + bin_s
-        in_bin = [t for t in ticks if b0 <= t.t < b1]
-        lateness = [1000 * (t.t - (t0 + t.n / FPS)) for t in in_bin]
-        rss = [m for t, m, _ in samples if b0 <= t < b1]
-        late = [s["late_frames"] for t, _, s in samples if t < b1]
+    for b0 in np.arange(t0, t[-1] if len(t) else t0, bin_s):
+        in_bin = (t >= b0) & (t < b0 + bin_s)
+        sampled = np.flatnonzero(samples["t"] < b0 + bin_s)
         bins.append({
             "t_s": round(b0 - t0, 1),
-            "fps": round(len(in_bin) / bin_s, 2),
-            "max_tick_lateness_ms": round(max(lateness), 1) if lateness else None,
-            "late_frames_total": late[-1] if late else 0,
-            "rss_mib": round(rss[-1], 1) if rss else None,
+            "fps": round(int(in_bin.sum()) / bin_s, 2),
+            "max_tick_lateness_ms": round(float(lateness[in_bin].max()), 1) if in_bin.any() else None,
+            "late_frames_total": int(samples["late_frames"][sampled[-1]]) if len(sampled) else 0,
+            "rss_mib": round(float(samples["rss_mib"][sampled[-1]]), 1) if len(sampled) else None,
         })
     return bins
 
 
 def analyse(raw: dict, signal: common.OnsetSignal, seconds: float, bin_s: float) -> dict:
-    session, samples, t0 = raw["session"], raw["samples"], raw["t0"]
+    session, samples, t0, final = raw["session"], raw["samples"], raw["t0"], raw["stats"]
     ticks = session.tick_log
-    final = samples[-1][2]
-    elapsed = ticks[-1].t - t0 if ticks else 0.0
-    lateness = [1000 * (t.t - (t0 + t.n / FPS)) for t in ticks]
-    pushed_frames = session.ring.write_index // SAMPLES_PER_FRAME
-    events, received_onsets = onset_events(session, signal, seconds)
+    t = ticks.column("t")
+    wall = float(samples["t"][-1] - t0)  # from the first tick to the end of the run
+    lateness = 1000 * (t - (t0 + ticks.column("n") / FPS))
+    events, heard = onset_events(session)
     with_offset = [e for e in events if "av_offset_ms" in e]
-    minutes = [e["t_s"] / 60 for e in with_offset]
-    rss = [(t - t0, m) for t, m, _ in samples]
-    half = [(t, m) for t, m in rss if t >= elapsed / 2]
+    with_latency = [e for e in with_offset if "mouth_latency_ms" in e]
+    rss_t = (samples["t"] - t0) / 60
+    rss = samples["rss_mib"]
+    second_half = rss_t >= rss_t[-1] / 2
     speech_frames = final["rendered_frames"] + final["late_frames"]
     return {
         "frames": {
             "ticks": len(ticks),
-            "expected_ticks": int(elapsed * FPS) + 1,
-            "fps": round(len(ticks) / elapsed, 3) if elapsed else None,
-            "input_frames_pushed": pushed_frames,
+            "expected_ticks": int(wall * FPS) + 1,
+            "fps": round(len(ticks) / wall, 3) if wall > 0 else None,
+            "input_frames_pushed": session.ring.write_index // SAMPLES_PER_FRAME,
             "input_frames_played": final["frames_played"],
             "input_frames_dropped": final["dropped_frames"],
-            "late_ticks": sum(1 for x in lateness if x > FRAME_MS),
+            "late_ticks": int((lateness > FRAME_MS).sum()),
             "tick_lateness_ms": common.summarize(lateness, 1),
             "late_frames": final["late_frames"],
             "late_frames_share_of_speech": round(final["late_frames"] / speech_frames, 4) if speech_frames else None,
@@ -152,16 +159,17 @@ def analyse(raw: dict, signal: common.OnsetSignal, seconds: float, bin_s: float)
             "stale_frames": final["stale_frames"],
         },
         "av_offset_ms": common.summarize([e["av_offset_ms"] for e in with_offset], 1),
-        "av_offset_drift_ms_per_min": _round(common.linear_slope(minutes, [e["av_offset_ms"] for e in with_offset])),
-        "mouth_latency_ms": common.summarize([e["mouth_latency_ms"] for e in with_offset if "mouth_latency_ms" in e], 1),
-        "mouth_latency_drift_ms_per_min": _round(common.linear_slope(
-            [e["t_s"] / 60 for e in with_offset if "mouth_latency_ms" in e],
-            [e["mouth_latency_ms"] for e in with_offset if "mouth_latency_ms" in e])),
-        "onsets": {"sent": sum(1 for s in signal.onsets_s if s < seconds), "heard_by_session": received_onsets,
+        "av_offset_drift_ms_per_min": _round(common.linear_slope([e["t_s"] / 60 for e in with_offset],
+                                                                 [e["av_offset_ms"] for e in with_offset])),
+        "mouth_latency_ms": common.summarize([e["mouth_latency_ms"] for e in with_latency], 1),
+        "mouth_latency_drift_ms_per_min": _round(common.linear_slope([e["t_s"] / 60 for e in with_latency],
+                                                                     [e["mouth_latency_ms"] for e in with_latency])),
+        "onsets": {"sent": sum(1 for s in signal.onsets_s if s < seconds), "heard_by_session": heard,
                    "emitted": len(events), "with_mouth": len(with_offset)},
-        "rss_mib": {"start": round(rss[0][1], 1), "end": round(rss[-1][1], 1), "max": round(max(m for _, m in rss), 1),
-                    "growth_mib_per_min_second_half": _round(common.linear_slope([t / 60 for t, _ in half],
-                                                                                 [m for _, m in half]))},
+        "rss_mib": {"start": round(float(rss[0]), 1), "end": round(float(rss[-1]), 1), "max": round(float(rss.max()), 1),
+                    "growth_mib_per_min_second_half": _round(common.linear_slope(rss_t[second_half], rss[second_half]))},
+        "instrumentation_mib": round((ticks.columns.nbytes + session.input_log.nbytes + session.encoder_log.nbytes
+                                      + session.render_log.nbytes + samples.nbytes) / 2**20, 2),
         "session_stats": {k: final.get(k) for k in ("fps", "latency_ms", "output_delay_ms", "encoder_ms_per_run",
                                                      "ring_overruns")},
         "series": time_series(session, samples, t0, bin_s),

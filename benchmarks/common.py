@@ -565,25 +565,94 @@ FRAME_MS = 1000 / FPS
 # -- an instrumented live session -----------------------------------------------------------------
 
 
+class Columns:
+    """Rows of numbers kept in preallocated numpy columns: logging allocates nothing while the
+    run stays within `capacity` rows (then the columns double), so a long run's RSS measures
+    the session, not the benchmark's own bookkeeping."""
+
+    def __init__(self, names: Sequence[str], capacity: int):
+        self.names = tuple(names)
+        self._data = np.zeros((max(1, capacity), len(self.names)), np.float64)
+        self._n = 0
+
+    def append(self, *values: float) -> None:
+        if self._n == len(self._data):
+            self._data = np.concatenate([self._data, np.zeros_like(self._data)])
+        self._data[self._n] = values
+        self._n += 1
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._data[: self._n, self.names.index(name)]
+
+    def rows(self) -> np.ndarray:
+        return self._data[: self._n]
+
+    @property
+    def nbytes(self) -> int:
+        return self._data.nbytes
+
+
 @dataclass
 class TickRecord:
     n: int  # output tick (video frame n, due at t0 + n/25)
     frame: int | None  # the input frame it carries; None: an idle tick
     t: float  # when the tick was emitted
     rendered: bool  # its image was rendered from speech (not the idle frame)
+    loud_at: int | None  # first sample (of 640) of its audio in a loud 2 ms block, None: quiet
     signature: np.ndarray | None = None  # mouth-region thumbnail, when asked for
 
 
-class _TimedDict(dict):
-    """The session's rendered-frame store, noting when each rendered frame was put in."""
+class TickLog:
+    """What every output tick carried, in Columns; indexing and iterating give TickRecords."""
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int):
+        self.columns = Columns(("n", "frame", "t", "rendered", "loud_at"), capacity)
+        self.signatures: list[np.ndarray] | None = None
+
+    def append(self, n: int, frame: int | None, t: float, rendered: bool, loud_at: int, signature=None) -> None:
+        self.columns.append(n, -1 if frame is None else frame, t, rendered, loud_at)
+        if signature is not None:
+            if self.signatures is None:
+                self.signatures = []
+            self.signatures.append(signature)
+
+    def __len__(self) -> int:
+        return len(self.columns)
+
+    def __getitem__(self, k: int) -> TickRecord:
+        if k < 0:
+            k += len(self)
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        n, frame, t, rendered, loud_at = self.columns.rows()[k]
+        return TickRecord(int(n), None if frame < 0 else int(frame), float(t), bool(rendered),
+                          None if loud_at < 0 else int(loud_at),
+                          self.signatures[k] if self.signatures is not None else None)
+
+    def __iter__(self):
+        return (self[k] for k in range(len(self)))
+
+    def column(self, name: str) -> np.ndarray:
+        return self.columns[name]
+
+
+class _TimedDict(dict):
+    """The session's rendered-frame store, noting when each rendered frame was put in (the most
+    recent `keep` frames only: bounded, like the store itself)."""
+
+    def __init__(self, keep: int) -> None:
         super().__init__()
         self.set_at: dict[int, float] = {}
+        self._keep = keep
 
     def __setitem__(self, key: int, value: Any) -> None:
         if value is not None:
             self.set_at[key] = time.monotonic()
+            if len(self.set_at) > self._keep:
+                del self.set_at[next(iter(self.set_at))]
         super().__setitem__(key, value)
 
 
@@ -591,7 +660,7 @@ class _TimedRenderer:
     """Delegates to the shared AvatarRenderer and logs (end time, seconds, frames) per call.
     The seconds include waiting for the renderer's lock, i.e. for other sessions' renders."""
 
-    def __init__(self, renderer: Any, log: list[tuple[float, float, int]]):
+    def __init__(self, renderer: Any, log: Columns):
         self._renderer = renderer
         self._log = log
 
@@ -599,35 +668,53 @@ class _TimedRenderer:
         t0 = time.monotonic()
         out = self._renderer.render(positions, windows)
         t1 = time.monotonic()
-        self._log.append((t1, t1 - t0, len(positions)))
+        self._log.append(t1, t1 - t0, len(positions))
         return out
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._renderer, name)
 
 
+def first_loud(samples: np.ndarray, rate: int = SAMPLE_RATE, threshold: float = 0.02,
+               block_s: float = ONSET_BLOCK_S) -> int:
+    """Index of the first sample of the first `block_s` block whose RMS exceeds `threshold`
+    (the criterion of detect_onsets), -1 when there is none."""
+    block = max(1, int(block_s * rate))
+    n = len(samples) // block
+    if n == 0:
+        return -1
+    rms = np.sqrt(np.mean(np.square(samples[: n * block].reshape(n, block), dtype=np.float64), axis=1))
+    loud = np.flatnonzero(rms > threshold)
+    return int(loud[0] * block) if len(loud) else -1
+
+
 def instrumented_session(encoder: Any, renderer: Any, config: Any, *, signature_box=None,
-                         keep_audio: bool = True):
+                         keep_audio: bool = True, capacity_s: float = 120.0):
     """An AvatarSession (the real one, unchanged in behaviour) that logs when input audio is
     written to its ring, when each encoder run ends, when each frame is rendered and what each
-    output tick carries. Logging only wraps methods and the session's on_tick hook."""
+    output tick carries. Logging only wraps methods and the session's on_tick hook; its logs
+    are preallocated for `capacity_s` seconds. keep_audio: also keep the 16 kHz input and
+    output audio (grows: for short runs)."""
     from realtime_avatar.session import AvatarSession
 
-    render_log: list[tuple[float, float, int]] = []
+    ticks = int(capacity_s * FPS)
+    render_log = Columns(("t_end", "seconds", "frames"), ticks)
     session = AvatarSession(encoder, _TimedRenderer(renderer, render_log), config)
     session.render_log = render_log
-    session._rendered = _TimedDict()  # type: ignore[assignment]
-    session.input_log = []  # (time, ring write_index after the write)
+    session._rendered = _TimedDict(keep=ticks)  # type: ignore[assignment]
+    session.input_log = Columns(("t", "write_index", "loud_at"), ticks * 4)  # ~ one write per 20 ms
+    session.encoder_log = Columns(("first", "end", "t0", "t1"), ticks)
+    session.tick_log = TickLog(ticks)
     session.input_chunks = [] if keep_audio else None  # 16 kHz audio as written to the ring
-    session.encoder_log = []  # (emit_from, emit_to, start time, end time)
-    session.tick_log = []  # TickRecord per output tick
     session.output_chunks = [] if keep_audio else None  # 16 kHz audio of every tick
 
     write = session.ring.write
 
     def logged_write(samples: np.ndarray) -> None:
+        start = session.ring.write_index
         write(samples)
-        session.input_log.append((time.monotonic(), session.ring.write_index))
+        loud = first_loud(np.asarray(samples, np.float32))
+        session.input_log.append(time.monotonic(), session.ring.write_index, -1 if loud < 0 else start + loud)
         if session.input_chunks is not None:
             session.input_chunks.append(np.array(samples, dtype=np.float32))
 
@@ -638,15 +725,16 @@ def instrumented_session(encoder: Any, renderer: Any, config: Any, *, signature_
     def logged_run(plan):
         t0 = time.monotonic()
         block = run(plan)
-        session.encoder_log.append((plan.emit_from, plan.emit_to, t0, time.monotonic()))
+        session.encoder_log.append(plan.emit_from, plan.emit_to, t0, time.monotonic())
         return block
 
     session.whisper.run = logged_run
 
     def on_tick(n: int, frame: int | None, image: np.ndarray, audio: np.ndarray) -> None:
+        t = time.monotonic()
         idle = renderer.idle_frame(n % renderer.cycle_length)
         signature = mouth_signature(image, signature_box) if signature_box is not None else None
-        session.tick_log.append(TickRecord(n, frame, time.monotonic(), image is not idle, signature))
+        session.tick_log.append(n, frame, t, image is not idle, first_loud(audio), signature)
         if session.output_chunks is not None:
             session.output_chunks.append(np.array(audio, dtype=np.float32))
 
@@ -654,30 +742,44 @@ def instrumented_session(encoder: Any, renderer: Any, config: Any, *, signature_
     return session
 
 
-def time_ring_reached(input_log: Sequence[tuple[float, int]], sample: int) -> float | None:
-    """When the ring first held audio up to and including `sample` (from a session's input_log,
-    whose write indices only grow)."""
-    k = bisect.bisect_right(input_log, sample, key=lambda entry: entry[1])
-    return input_log[k][0] if k < len(input_log) else None
+def time_ring_reached(input_log: Columns, sample: int) -> float | None:
+    """When the ring first held audio up to and including `sample` (from a session's
+    input_log, whose write indices only grow)."""
+    k = int(np.searchsorted(input_log["write_index"], sample, side="right"))
+    return float(input_log["t"][k]) if k < len(input_log) else None
 
 
-def features_final_at(encoder_log: Sequence[tuple[int, int, float, float]], feature: int) -> tuple[float, float] | None:
+def features_final_at(encoder_log: Columns, feature: int) -> tuple[float, float] | None:
     """(end time, run seconds) of the encoder run that made `feature` final."""
-    for first, end, t0, t1 in encoder_log:
-        if first <= feature < end:
-            return t1, t1 - t0
-    return None
+    hit = np.flatnonzero((encoder_log["first"] <= feature) & (feature < encoder_log["end"]))
+    if not len(hit):
+        return None
+    t0, t1 = encoder_log["t0"][hit[0]], encoder_log["t1"][hit[0]]
+    return float(t1), float(t1 - t0)
 
 
-def render_call_before(render_log: Sequence[tuple[float, float, int]], t: float) -> tuple[float, float, int] | None:
+def render_call_before(render_log: Columns, t: float) -> tuple[float, float, int] | None:
     """The last render call that ended at or before `t` (the one whose frames were stored at t)."""
-    best = None
-    for entry in render_log:
-        if entry[0] <= t + 1e-6:
-            best = entry
-        else:
-            break
-    return best
+    k = int(np.searchsorted(render_log["t_end"], t + 1e-6, side="right")) - 1
+    if k < 0:
+        return None
+    t_end, seconds, frames = render_log.rows()[k]
+    return float(t_end), float(seconds), int(frames)
+
+
+def chunk_onsets(loud_at: Sequence[float], chunk_ends: Sequence[float], min_gap_samples: int) -> list[int]:
+    """Onsets from chunked audio summarised per chunk: loud_at[k] is the absolute index of the
+    chunk's first loud sample (-1: a quiet chunk), chunk_ends[k] one past its last sample. An
+    onset is a loud chunk starting at least `min_gap_samples` after the previous loud chunk
+    ended (the same rule as detect_onsets, at chunk resolution for the quiet gap)."""
+    onsets, previous_end = [], None
+    for loud, end in zip(loud_at, chunk_ends):
+        if loud < 0:
+            continue
+        if previous_end is None or loud - previous_end >= min_gap_samples:
+            onsets.append(int(loud))
+        previous_end = int(end)
+    return onsets
 
 
 async def push_realtime(sessions: Sequence[Any], samples: np.ndarray, rate: int, *, channels: int = 2,

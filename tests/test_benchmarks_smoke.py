@@ -82,8 +82,33 @@ def test_align_stream_recovers_a_known_offset_and_breaks_ties_by_timing():
     assert common.align_stream(gaps, [0.0] * len(gaps), received, sent_times, sent) is None
 
 
+def test_chunk_onsets_agree_with_detect_onsets_on_the_same_audio():
+    sig = common.onset_signal(["papa", "map", "bob"], [0.7, 1.2, 0.6], lead_s=0.6, tail_s=0.3, rate=16_000)
+    chunk = 640  # one video frame of audio, as the session's ticks carry it
+    starts = np.arange(0, len(sig.samples), chunk)
+    loud = [common.first_loud(sig.samples[s : s + chunk]) for s in starts]
+    loud_abs = [s + x if x >= 0 else -1 for s, x in zip(starts, loud)]
+    from_chunks = common.chunk_onsets(loud_abs, starts + chunk, int(0.5 * 16_000))
+    from_audio = [round(t * 16_000) for t in common.detect_onsets(sig.samples, 16_000, min_gap_s=0.5)]
+    assert len(from_chunks) == len(from_audio) == 3
+    assert np.abs(np.array(from_chunks) - from_audio).max() <= int(common.ONSET_BLOCK_S * 16_000)
+
+
+def test_columns_keep_rows_without_reallocating_until_full():
+    log = common.Columns(("t", "x"), capacity=3)
+    before = log.nbytes
+    for k in range(3):
+        log.append(k * 0.5, k)
+    assert log.nbytes == before and len(log) == 3
+    log.append(9.0, 9)  # past capacity: doubles
+    assert log.nbytes == 2 * before
+    assert log["x"].tolist() == [0, 1, 2, 9] and log["t"][1] == 0.5
+
+
 def test_time_ring_reached_finds_the_write_that_brought_a_sample():
-    log = [(1.0, 320), (1.02, 640), (1.04, 960)]  # (time, ring write index after the write)
+    log = common.Columns(("t", "write_index", "loud_at"), 8)
+    for t, index in [(1.0, 320), (1.02, 640), (1.04, 960)]:  # (time, ring write index after the write)
+        log.append(t, index, -1)
     assert common.time_ring_reached(log, 0) == 1.0
     assert common.time_ring_reached(log, 320) == 1.02  # sample 320 came with the second write
     assert common.time_ring_reached(log, 959) == 1.04
@@ -141,6 +166,7 @@ def run_quick(module_name: str, argv: list[str], bench, tmp_path, capsys) -> dic
     return printed
 
 
+@pytest.mark.slow
 def test_bench_stages_times_every_stage(bench, results, tmp_path, capsys):
     out = run_quick("bench_stages", ["--batches", "1", "--repeats", "2"], bench, tmp_path, capsys)
     stages = {row["stage"] for row in out["rows"]}
@@ -151,6 +177,7 @@ def test_bench_stages_times_every_stage(bench, results, tmp_path, capsys):
     results["stages"] = out
 
 
+@pytest.mark.slow
 def test_bench_lookahead_reports_latency_and_parity(bench, results, tmp_path, capsys):
     out = run_quick("bench_lookahead", ["--lookaheads", "0.1"], bench, tmp_path, capsys)
     (row,) = out["rows"]
@@ -160,6 +187,7 @@ def test_bench_lookahead_reports_latency_and_parity(bench, results, tmp_path, ca
     results["lookahead"] = out
 
 
+@pytest.mark.slow
 def test_bench_baseline_times_first_frames_of_both_pipelines(bench, results, tmp_path, capsys):
     out = run_quick("bench_baseline", ["--durations", "2"], bench, tmp_path, capsys)
     (row,) = out["rows"]
