@@ -117,7 +117,8 @@ def time_series(session, samples: common.Columns, t0: float, bin_s: float) -> li
     t = session.tick_log.column("t")
     lateness = 1000 * (t - (t0 + session.tick_log.column("n") / FPS))
     bins = []
-    for b0 in np.arange(t0, t[-1] if len(t) else t0, bin_s):
+    t_end = t[-1] if len(t) else t0
+    for b0 in np.arange(t0, t_end - bin_s + 1e-6, bin_s):  # whole bins only
         in_bin = (t >= b0) & (t < b0 + bin_s)
         sampled = np.flatnonzero(samples["t"] < b0 + bin_s)
         bins.append({
