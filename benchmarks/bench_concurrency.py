@@ -122,7 +122,7 @@ def _per_session(session, stats: dict, sender) -> dict:
             mouth_ms.append(1000 * (mouth.t - t_in))
     speech = stats["rendered_frames"] + stats["late_frames"]
     return {
-        "fps": round(len(ticks) / elapsed, 2) if elapsed else None,
+        "fps": round((len(ticks) - 1) / elapsed, 2) if elapsed else None,  # ticks 0..N-1 span N-1 periods
         "late_ticks": sum(1 for x in lateness if x > FRAME_MS),
         "tick_lateness_p99_ms": common.summarize(lateness, 1)["p99"],
         "late_frames": stats["late_frames"],
@@ -181,6 +181,7 @@ def plot(result: dict, plots: Path | None) -> list[str]:
         ax2.plot([n] * len(level["sessions_detail"]), [s["late_share"] * 100 for s in level["sessions_detail"]], "o",
                  ms=4, color="tab:orange")
     ax1.axhline(FPS, color="tab:red", lw=0.6, ls="--")
+    ax1.set_ylim(0, FPS + 2)
     ax1.set_xlabel("concurrent sessions")
     ax1.set_ylabel("frames/s per session")
     ax1.set_xticks([lv["sessions"] for lv in levels])

@@ -12,7 +12,6 @@ same clock), so client, server and session times in one process compare directly
 from __future__ import annotations
 
 import argparse
-import bisect
 import json
 import os
 import platform

@@ -100,7 +100,7 @@ def suite_markdown(report: dict) -> str:
         if module is not None:
             lines.append(importlib.import_module(module.removesuffix(".py")).markdown(result))
         else:
-            lines += ["```json", json.dumps(_trim(result), indent=1)[:3000], "```"]
+            lines.append(extra_markdown(name, result))
         for plot in result.get("plots", []):
             lines.append(f"![{name}]({Path(plot).name})")
         lines.append("")
@@ -214,8 +214,18 @@ def write_report(report: dict, results: Path) -> tuple[Path, Path]:
     return json_path, md_path
 
 
-def _trim(result: dict) -> dict:
-    return {k: v for k, v in result.items() if k not in ("machine", "patches_per_s_all_runs", "rows_all")}
+def extra_markdown(name: str, result: dict) -> str:
+    """Tables for the benchmarks owned elsewhere (their own output is JSON, then free text)."""
+    if name == "backends" and isinstance(result.get("patches_per_s_median"), dict):
+        cells = result["patches_per_s_median"]
+        batches = sorted({int(b) for row in cells.values() for b in row})
+        rows = [{"backend": backend, **{f"batch {b}": row.get(str(b)) for b in batches}} for backend, row in cells.items()]
+        return ("Render throughput per backend (patches/s, render() incl. uint8, median of runs)\n\n"
+                + common.markdown_table(rows))
+    if isinstance(result.get("rows"), list) and result["rows"]:
+        return common.markdown_table(result["rows"])
+    summary = {k: v for k, v in result.items() if not isinstance(v, (dict, list))}
+    return "```json\n" + json.dumps(summary)[:2000] + "\n```\n"
 
 
 def main(argv: list[str] | None = None) -> int:
