@@ -1,0 +1,273 @@
+"""The trainer (export.train) and personal-video data (export.personal), on real components:
+teacher clips from export.dataset, Whisper tiny.en streaming features, a tiny compact model.
+
+Kept fast: a tiny model config, two short clips, a handful of steps.
+"""
+
+from __future__ import annotations
+
+import fractions
+import json
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from export import train as tr
+from realtime_avatar.models.compact import CompactConfig, CompactModel, CompactNet
+from realtime_avatar.runtime import model_streaming_config
+from realtime_avatar.streaming_whisper import LOW_LATENCY
+from realtime_avatar.timing import AUDIO_TOKENS, FPS, SAMPLE_RATE, WHISPER_DIM
+
+TINY = CompactConfig(
+    latent_channels=4, unet_channels=(16, 32, 64), attention_heads=2, norm_groups=8,
+    encoder_channels=(8, 16, 32), decoder_channels=(16, 8, 8),
+)  # fmt: skip
+SEEDS = (0, 1)  # the first two training clips: what a run with --seed 0 --clips 2 uses
+
+
+class Crash(RuntimeError):
+    pass
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    from realtime_avatar.whisper_weights import load_whisper
+
+    torch.set_num_threads(2)
+    return load_whisper(tr.WHISPER).encoder
+
+
+@pytest.fixture(scope="module")
+def clip_cache(tmp_path_factory, encoder):
+    """The two clips prepared once (what the trainer's workers write), shared by the tests."""
+    cache = tmp_path_factory.mktemp("clips")
+    for seed in SEEDS:
+        tr.prepare_teacher_clip(seed, "train", encoder, subclips=2).save(cache / f"train-{seed:05d}.npz")
+    return cache
+
+
+def tiny_settings(out: Path, **kw) -> tr.TrainSettings:
+    defaults = dict(out=out, minutes=5.0, clips=len(SEEDS), workers=1, model=TINY, batch_size=4,
+                    log_every=1, precision="fp32", max_autoencoder_steps=3, max_unet_steps=4)
+    return tr.TrainSettings(**(defaults | kw))
+
+
+def load_cached(cache: Path) -> list[tr.ClipData]:
+    return [tr.ClipData.load(cache / f"train-{s:05d}.npz") for s in SEEDS]
+
+
+# ------------------------------------------------------------------------------ pure pieces
+
+
+def test_loss_weight_map_puts_the_weight_on_the_mouth():
+    w = tr.loss_weight_map()[0, 0]
+    assert w.shape == (256, 256)
+    assert float(w.mean()) == pytest.approx(1.0, abs=1e-5)
+    mouth_y, mouth_x = int(tr.MOUTH_CENTRE[1] * 256), int(tr.MOUTH_CENTRE[0] * 256)
+    assert float(w[mouth_y, mouth_x]) > 3 * float(w[40, 128])  # mouth vs forehead
+    assert float(w[200, 10]) > float(w[60, 10])  # lower half vs upper half, away from the mouth
+
+
+def test_cosine_lr_warms_up_then_decays_to_the_floor():
+    lrs = [tr.cosine_lr(1.0, p / 100) for p in range(101)]
+    peak = int(np.argmax(lrs))
+    assert 0 < peak < 10 and lrs[0] < 0.1
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1 :]))
+    assert lrs[-1] == pytest.approx(0.05)
+
+
+def test_pick_reference_is_far_away_and_in_another_mouth_state():
+    rng = np.random.default_rng(0)
+    n = 60
+    mouth = np.zeros((n, 5), np.float32)
+    mouth[20:40, 0] = np.linspace(0.2, 1.0, 20)  # speech in the middle
+    frames = np.zeros((n, 1, 1, 3), np.uint8)
+    clip = tr.ClipData("x", frames, np.zeros((n, 1, 1), np.float16), [], mouth, np.zeros((2, 1, 1, 3), np.uint8))
+    for _ in range(200):
+        t = int(rng.integers(n))
+        r = tr.pick_reference(clip, t, rng, photo_p=0.0)
+        assert r >= 0 and abs(r - t) > 5
+        assert np.abs(mouth[r] - mouth[t]).max() > tr.MIN_STATE_CHANGE
+    photo = [tr.pick_reference(clip, 5, rng, photo_p=1.0) for _ in range(20)]
+    assert set(photo) == {-1, -2}  # photo crops are encoded as -1 - k
+    # a clip with one mouth state throughout: the farthest frame, never a near one
+    still = tr.ClipData("y", frames, clip.windows, [], np.zeros((n, 5), np.float32), clip.photos[:0])
+    assert abs(tr.pick_reference(still, 10, rng, photo_p=0.0) - 10) > 5
+
+
+# ------------------------------------------------------------------------------------- data
+
+
+def test_prepared_clip_holds_aligned_frames_windows_and_photo_crops(clip_cache):
+    clip = load_cached(clip_cache)[0]
+    n = clip.n_frames
+    assert clip.frames.shape == (n, 256, 256, 3) and clip.frames.dtype == np.uint8
+    assert clip.windows.shape == (n, AUDIO_TOKENS, WHISPER_DIM)
+    assert clip.mouth.shape == (n, 5) and clip.mouth[:, 0].max() > 0.5  # the jaw opens somewhere
+    for start, windows in clip.subclips:
+        assert len(windows) >= tr.MIN_SUBCLIP_FRAMES and 0 <= start and start + len(windows) <= n
+        # a sub-clip streamed on its own hears the same speech, with less context
+        whole = clip.windows[start : start + len(windows)].astype(np.float32)
+        own = windows.astype(np.float32)
+        cos = (whole * own).sum() / np.sqrt((whole**2).sum() * (own**2).sum())
+        assert 0.5 < cos < 0.99999
+    # Original-photo crops are cut exactly like the teacher frames: the upper face (which the
+    # teacher never moves) matches; the lower face does not (the photo smiles, teeth showing).
+    assert clip.photos.shape == (tr.PHOTO_CROPS_PER_CLIP, 256, 256, 3)
+    at = np.linspace(0, n - 1, tr.PHOTO_CROPS_PER_CLIP).round().astype(int)
+    upper = (clip.photos[:, :100].astype(float) - clip.frames[at, :100]) ** 2
+    mouth = (clip.photos[:, 140:190, 90:166].astype(float) - clip.frames[at, 140:190, 90:166]) ** 2
+    assert 10 * np.log10(255**2 / max(upper.mean(), 1e-9)) > 35
+    assert mouth.mean() > 10 * upper.mean()
+
+
+def test_cache_round_trip_and_stale_version(tmp_path, clip_cache):
+    clip = load_cached(clip_cache)[1]
+    path = tmp_path / "c.npz"
+    clip.save(path)
+    again = tr.ClipData.load(path)
+    assert again is not None and np.array_equal(again.frames, clip.frames)
+    assert [s for s, _ in again.subclips] == [s for s, _ in clip.subclips]
+    assert tr.ClipData.load(tmp_path / "missing.npz") is None
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    assert tr.ClipData.load(tmp_path / "bad.npz") is None
+
+
+# ---------------------------------------------------------------------------------- training
+
+
+def shortened(clip: tr.ClipData, n: int) -> tr.ClipData:
+    return tr.ClipData(clip.name, clip.frames[:n], clip.windows[:n], [], clip.mouth[:n], clip.photos[:1])
+
+
+def test_losses_decrease_on_a_fixed_batch(tmp_path, clip_cache):
+    clips = [shortened(c, 40) for c in load_cached(clip_cache)]  # fewer latents to encode
+    torch.manual_seed(0)
+    trainer = tr.Trainer(tiny_settings(tmp_path, lr_autoencoder=3e-3, lr_unet=2e-3), clips, CompactNet(TINY))
+    images, weight = trainer.autoencoder_batch()
+    assert images.shape == (4, 3, tr.AUTOENCODER_CROP, tr.AUTOENCODER_CROP)
+    trainer._start_stage("autoencoder")
+    for g in trainer.optimizer.param_groups:
+        g["lr"] = 3e-3
+    ae = [trainer.autoencoder_step(images, weight) for _ in range(25)]
+    assert np.mean(ae[-5:]) < 0.7 * np.mean(ae[:3])
+
+    trainer.latents = tr.encode_all(trainer.net.encoder, clips)
+    batch = trainer.unet_batch()
+    assert batch[0].shape == (4, 2 * TINY.latent_channels, 32, 32) and batch[1].shape == (4, 50, 384)
+    trainer._start_stage("unet")
+    for g in trainer.optimizer.param_groups:
+        g["lr"] = 2e-3 * g["scale"]
+    unet = [trainer.unet_step(*batch)[0] for _ in range(25)]
+    # the decoder is barely trained, so the image loss has a high floor; the UNet still cuts it
+    assert np.mean(unet[-5:]) < 0.92 * np.mean(unet[:3])
+
+
+def test_train_crash_resume_and_export(tmp_path, clip_cache):
+    out = tmp_path / "run"
+    (out / "clips").mkdir(parents=True)
+    for p in clip_cache.iterdir():
+        (out / "clips" / p.name).write_bytes(p.read_bytes())  # as a first run would have left them
+    settings = tiny_settings(out, checkpoint_minutes=0.0)
+
+    def crash_at_unet_step_2(stage: str, step: int) -> None:
+        if stage == "unet" and step == 2:
+            raise Crash()
+
+    with pytest.raises(Crash):
+        tr.train(settings, on_step=crash_at_unet_step_2)
+    state = torch.load(out / tr.CHECKPOINT, weights_only=False)
+    assert state["progress"]["stage"] == "unet" and state["progress"]["step"] == 2
+    assert not (out / tr.MODEL_FILE).exists()
+
+    seen = []
+    path = tr.train(settings, resume=True, on_step=lambda stage, step: seen.append((stage, step)))
+    assert seen == [("unet", 3), ("unet", 4)]  # continued where it stopped, autoencoder not redone
+    log = [json.loads(line) for line in (out / tr.LOG_FILE).read_text().splitlines()]
+    assert [e["step"] for e in log if e.get("stage") == "unet"] == [1, 2, 3, 4]
+    assert all(np.isfinite(e["loss"]) for e in log if "loss" in e)
+
+    model = CompactModel.load(path)
+    assert model.config == TINY
+    assert json.loads(model.notes["steps"]) == {"autoencoder": 3, "unet": 4}
+    assert model.notes["whisper"] == "tiny.en"
+    assert model_streaming_config(model) == (LOW_LATENCY, False)  # the runtime reads it back
+    snapshot = tr.export_snapshot(out)
+    assert CompactModel.load(snapshot).weights_hash() == model.weights_hash()
+    # the model renders: uint8 patches of the right shape from real inputs
+    clip = tr.ClipData.load(out / "clips" / "train-00000.npz")
+    lat = model.encode(clip.frames[:2])
+    patches = model.render(torch.cat([lat, lat], 1), torch.from_numpy(clip.windows[:2].astype(np.float32)))
+    assert patches.shape == (2, 256, 256, 3) and patches.dtype == np.uint8
+
+
+def test_resume_without_checkpoint_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        tr.train(tiny_settings(tmp_path), resume=True)
+
+
+def test_cli_help_and_parse():
+    parser = tr.build_parser()
+    args = parser.parse_args(["--out", "x", "--minutes", "3", "--resume", "--video", "v.mp4"])
+    assert args.minutes == 3 and args.resume and args.video == Path("v.mp4")
+    assert "--video" in parser.format_help() and "--resume" in parser.format_help()
+
+
+# --------------------------------------------------------------------------------- personal
+
+
+def write_talking_video(path: Path, frames: np.ndarray, audio16k: np.ndarray) -> None:
+    """frames (uint8 BGR at 25 fps) + 16 kHz audio -> H.264 + AAC MP4, with PyAV."""
+    with av.open(str(path), mode="w") as container:
+        video = container.add_stream("libx264", rate=FPS)
+        video.width, video.height = frames.shape[2], frames.shape[1]
+        video.pix_fmt = "yuv420p"
+        video.options = {"crf": "18", "preset": "veryfast"}
+        sound = container.add_stream("aac", rate=SAMPLE_RATE)
+        sound.layout = "mono"
+        for i, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(image, format="bgr24")
+            frame.pts, frame.time_base = i, fractions.Fraction(1, FPS)
+            container.mux(video.encode(frame))
+        container.mux(video.encode(None))
+        pcm = av.AudioFrame.from_ndarray(audio16k[None].astype(np.float32), format="fltp", layout="mono")
+        pcm.sample_rate, pcm.pts, pcm.time_base = SAMPLE_RATE, 0, fractions.Fraction(1, SAMPLE_RATE)
+        container.mux(sound.encode(pcm))
+        container.mux(sound.encode(None))
+
+
+@pytest.mark.slow
+def test_personal_model_from_a_talking_video(tmp_path, encoder):
+    from export.dataset import generate_clip
+    from export.personal import face_runs, prepare_video
+
+    clip = generate_clip(SEEDS[0], "train")
+    video = tmp_path / "me.mp4"
+    write_talking_video(video, clip.frames, clip.audio)
+
+    clips = prepare_video(video, tmp_path / "cache", subclips=2, encoder=encoder)
+    assert sum(c.n_frames for c in clips) >= clip.n_frames - 2  # a face in (nearly) every frame
+    measured = np.concatenate([c.mouth[:, 0] for c in clips])
+    jaw = clip.curves.as_array()[: len(measured), 0]
+    assert np.corrcoef(measured, jaw)[0, 1] > 0.7  # the measured mouth state follows the speech
+    assert face_runs(np.array([1, 1, 0, 1, 1, 1], bool), min_length=2) == [(0, 2), (3, 6)]
+
+    # start from other weights (as a personal model starts from the default), crash, resume
+    init = tmp_path / "init.safetensors"
+    CompactModel.random(TINY, seed=1).save(init)
+    settings = tiny_settings(tmp_path / "run", video=video, init=init, checkpoint_minutes=0.0)
+
+    def crash(stage: str, step: int) -> None:
+        if stage == "unet" and step == 1:
+            raise Crash()
+
+    with pytest.raises(Crash):
+        tr.train(settings, on_step=crash)
+    path = tr.train(settings, resume=True)
+    model = CompactModel.load(path)
+    assert "personal video me.mp4" in model.notes["data"]
+    assert json.loads(model.notes["steps"])["unet"] == 4
+    assert model.weights_hash() != CompactModel.load(init).weights_hash()
