@@ -368,9 +368,13 @@ class PeerSession:
         """Feed the peer's audio into the session until the track ends or goes quiet."""
         timeout = self._connect_timeout_s  # until the first frame: ICE + DTLS still to do
         while True:
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the result when a
+            # cancel arrives just as recv() completes, losing the cancel; this loop then runs on
+            # and a teardown waiting for it waits forever (seen under CPU load).
             try:
-                frame = await asyncio.wait_for(track.recv(), timeout)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(timeout):
+                    frame = await track.recv()
+            except TimeoutError:
                 if self.audio_in.frames == 0:
                     return f"no audio within {timeout:g} s of the answer (ICE never connected?)"
                 return f"no audio for {timeout:g} s (peer vanished)"
@@ -405,10 +409,18 @@ class PeerSession:
         tasks = [t for t in self._tasks if t is not current]
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+
+        async def relay_and_drain_tasks() -> None:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
         # Each step runs even if one before it failed or hung: a half-closed peer is a leak, and
-        # a teardown that never returns keeps its registry slot forever.
-        for what, step in (("peer connection", self.pc.close), ("avatar session", self.session.close)):
+        # a teardown that never returns keeps its registry slot forever. The peer connection
+        # goes first: it ends the remote tracks, so the relay ends even if a cancel were lost.
+        for what, step in (
+            ("peer connection", self.pc.close),
+            ("relay tasks", relay_and_drain_tasks),
+            ("avatar session", self.session.close),
+        ):
             try:
                 await asyncio.wait_for(step(), CLOSE_STEP_TIMEOUT_S)
             except asyncio.TimeoutError:

@@ -122,6 +122,14 @@ def to_mono_float(frame: av.AudioFrame) -> np.ndarray:
     return data.reshape(-1, channels).mean(axis=1)
 
 
+HTTP_TIMEOUT_S = 30.0  # signalling requests in tests: a hung server fails the test, not the run
+CLOSE_TIMEOUT_S = 10.0
+
+
+def http_client() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S))
+
+
 class RtcClient:
     """One test peer: sends `mic`, receives the avatar; connect() then close()."""
 
@@ -247,7 +255,10 @@ class RtcClient:
         if http is not None and self.resource_url is not None:
             async with http.delete(self.resource_url, headers=self._headers("text/plain")):
                 pass
-        await self.pc.close()
+        try:
+            await asyncio.wait_for(self.pc.close(), CLOSE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"aiortc RTCPeerConnection.close() took over {CLOSE_TIMEOUT_S} s") from None
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -255,7 +266,7 @@ class RtcClient:
 
 
 async def _stream_forever(url: str, wav: str) -> None:
-    async with aiohttp.ClientSession() as http:
+    async with http_client() as http:
         client = RtcClient(url, WavMicrophoneTrack(wav))
         await client.connect(http)
         await asyncio.wait_for(client.connected.wait(), 10)
