@@ -194,6 +194,9 @@ function render(s, server) {
 
 startButton.addEventListener("click", () => (pc ? stop() : start()));
 interruptButton.addEventListener("click", interrupt);
+// Leaving the page: tell the server now (keepalive outlives the page) rather than let it
+// notice the silence a few seconds later.
 window.addEventListener("pagehide", () => {
-  if (avatar.sessionId) navigator.sendBeacon && stop();
+  if (!avatar.sessionId) return;
+  fetch(`sessions/${avatar.sessionId}`, { method: "DELETE", headers: authHeaders(), keepalive: true });
 });
