@@ -759,35 +759,79 @@ def _run_gate(model, runner, precision, batch, folder, backend) -> GateResult:
     return gate
 
 
-def _build_engine(
-    model: RendererModel,
-    key: EngineKey,
-    folder: Path,
-    engine_file: str,
-    *,
-    make_files: Callable[[Path], Any],
-    open_runner: Callable[[Path], EngineRunner],
-    gate_batch: int,
-) -> tuple[EngineManifest, EngineRunner, GateResult]:
+@dataclass(frozen=True)
+class _EngineRecipe:
+    """How to make, open and check one engine; shared by the ONNX and TensorRT loaders."""
+
+    key: EngineKey
+    folder: Path
+    engine_file: str
+    make_files: Callable[[Path], Any]  # staging folder -> ExportResult (writes engine_file)
+    open_runner: Callable[[Path], EngineRunner]
+    gate_batch: int
+    build_hint: str  # the command that builds it ahead of time
+    refused_hint: str  # what to try when the gate refuses it
+
+
+def _build_engine(model: RendererModel, recipe: _EngineRecipe) -> tuple[EngineManifest, EngineRunner, GateResult]:
     """Make the engine files in a staging folder, move them into place, gate the engine there
     and write its manifest last: a folder without one reads as "not built" (a crash halfway
     leaves nothing that looks usable). Called under the engine's build lock."""
+    key, folder = recipe.key, recipe.folder
+    log.info("building %s engine %s", key.backend, folder)
     start = time.perf_counter()
     staging = _staging_folder(folder)
     try:
-        exported = make_files(staging)
+        exported = recipe.make_files(staging)
         _install(staging, folder)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
-    runner = open_runner(folder / engine_file)
-    gate = _run_gate(model, runner, key.precision, gate_batch, folder, key.backend)
-    manifest = _new_manifest(key, engine_file, exported, start, gate)
+    runner = recipe.open_runner(folder / recipe.engine_file)
+    gate = _run_gate(model, runner, key.precision, recipe.gate_batch, folder, key.backend)
+    manifest = _new_manifest(key, recipe.engine_file, exported, start, gate)
     if isinstance(runner, OnnxRuntimeRunner):
         manifest.extra["providers"] = runner.active_providers
     manifest.write(folder)
     log.info("built %s engine %s in %.1f s", key.backend, folder, manifest.build_seconds)
     return manifest, runner, gate
+
+
+def _load_or_build(
+    model: RendererModel, recipe: _EngineRecipe, *, build_missing: bool, rebuild: bool
+) -> BackendModel:
+    """The cached engine if it is current, loads and passes the gate; else (when allowed) a
+    fresh build. An engine that passed its gate when built but cannot load or fails it now
+    was damaged since: it is rebuilt. One that failed at build is refused, not rebuilt
+    (the same weights would fail the same way)."""
+    key, folder = recipe.key, recipe.folder
+    with _build_lock(folder):
+        manifest = EngineManifest.read(folder)
+        stale = "rebuild requested" if rebuild else stale_reason(manifest, folder, key)
+        if stale is not None and not build_missing:
+            raise BackendUnavailable(
+                f"{folder}: no usable {key.backend} engine ({stale}); build it with "
+                f"`{recipe.build_hint}` or allow building"
+            )
+        if stale is not None:
+            log.info("%s engine %s: %s", key.backend, folder, stale)
+            manifest, runner, gate = _build_engine(model, recipe)
+        else:
+            try:
+                runner = recipe.open_runner(folder / recipe.engine_file)
+                gate = _run_gate(model, runner, key.precision, recipe.gate_batch, folder, key.backend)
+                damaged = None if gate.passed else gate.describe()
+            except EngineBuildError as exc:  # it no longer loads or runs
+                if not (build_missing and manifest.gate_passed):
+                    raise
+                damaged = str(exc)
+            if damaged is not None and manifest.gate_passed and build_missing:
+                log.warning("%s engine %s passed its gate when built but now: %s; rebuilding",
+                            key.backend, folder, damaged)
+                manifest, runner, gate = _build_engine(model, recipe)
+    if not gate.passed:
+        raise EngineRejected(f"{folder / recipe.engine_file}: refused, {gate.describe()}. {recipe.refused_hint}")
+    return BackendModel(model, key.backend, runner, engine_dir=folder, manifest=manifest, gate=gate)
 
 
 def load_onnx_backend(
@@ -808,43 +852,17 @@ def load_onnx_backend(
     precision = _resolve_precision(precision, _ort_gpu_usable(providers))
     root = Path(engines_dir) if engines_dir is not None else default_engines_dir()
     key = EngineKey(model.model_id, model.weights_hash(), "onnx", precision, DYNAMIC_PROFILE)
-    folder = key.folder(root)
-
-    def open_runner(path: Path) -> OnnxRuntimeRunner:
-        return OnnxRuntimeRunner(path, providers=providers, threads=threads)
-
-    def build() -> tuple[EngineManifest, OnnxRuntimeRunner, GateResult]:
-        return _build_engine(
-            model, key, folder, ONNX_FILE,
-            make_files=lambda staging: _export_onnx(model, staging / ONNX_FILE, precision),
-            open_runner=open_runner,
-            gate_batch=GATE_BATCH,
-        )
-
-    with _build_lock(folder):
-        manifest = EngineManifest.read(folder)
-        stale = "rebuild requested" if rebuild else stale_reason(manifest, folder, key)
-        if stale is not None:
-            if not build_missing:
-                raise BackendUnavailable(
-                    f"{folder}: no usable ONNX engine ({stale}); build it with `python -m "
-                    f"export.build_engines --backend onnx --precision {precision}` or allow building"
-                )
-            log.info("ONNX engine %s: %s; building it", folder, stale)
-            manifest, runner, gate = build()
-        else:
-            runner = open_runner(folder / ONNX_FILE)
-            gate = _run_gate(model, runner, precision, GATE_BATCH, folder, "onnx")
-            if not gate.passed and manifest.gate_passed and build_missing:
-                # it passed when it was built: the file has changed or been damaged since
-                log.warning("ONNX engine %s passed its gate when built but fails now; rebuilding", folder)
-                manifest, runner, gate = build()
-    if not gate.passed:
-        raise EngineRejected(
-            f"{folder / ONNX_FILE}: refused, {gate.describe()}. Delete the folder to rebuild it, "
-            "or use --backend torch"
-        )
-    return BackendModel(model, "onnx", runner, engine_dir=folder, manifest=manifest, gate=gate)
+    recipe = _EngineRecipe(
+        key=key,
+        folder=key.folder(root),
+        engine_file=ONNX_FILE,
+        make_files=lambda staging: _export_onnx(model, staging / ONNX_FILE, precision),
+        open_runner=lambda path: OnnxRuntimeRunner(path, providers=providers, threads=threads),
+        gate_batch=GATE_BATCH,
+        build_hint=f"python -m export.build_engines --backend onnx --precision {precision}",
+        refused_hint="Delete the folder to rebuild it, or use --backend torch",
+    )
+    return _load_or_build(model, recipe, build_missing=build_missing, rebuild=rebuild)
 
 
 def load_tensorrt_backend(
@@ -866,7 +884,6 @@ def load_tensorrt_backend(
     key = EngineKey(
         model.model_id, model.weights_hash(), "tensorrt", precision, str(batch_size), gpu_slug(), tensorrt_version()
     )
-    folder = key.folder(root)
     shapes = _tensorrt_input_shapes(model, batch_size)
 
     def make_files(staging: Path):
@@ -876,37 +893,17 @@ def load_tensorrt_backend(
             leftover.unlink()
         return exported
 
-    def build() -> tuple[EngineManifest, TensorRTRunner, GateResult]:
-        return _build_engine(
-            model, key, folder, TENSORRT_FILE,
-            make_files=make_files,
-            open_runner=lambda path: TensorRTRunner(path, shapes),
-            gate_batch=batch_size,
-        )
-
-    with _build_lock(folder):
-        manifest = EngineManifest.read(folder)
-        stale = "rebuild requested" if rebuild else stale_reason(manifest, folder, key)
-        if stale is not None:
-            if not build_missing:
-                raise BackendUnavailable(
-                    f"{folder}: no usable TensorRT engine ({stale}); build it with `python -m "
-                    f"export.build_engines --backend tensorrt --batch {batch_size}` or allow building"
-                )
-            log.info("TensorRT engine %s: %s; building it (minutes)", folder, stale)
-            manifest, runner, gate = build()
-        else:
-            runner = TensorRTRunner(folder / TENSORRT_FILE, shapes)
-            gate = _run_gate(model, runner, precision, batch_size, folder, "tensorrt")
-            if not gate.passed and manifest.gate_passed and build_missing:
-                log.warning("TensorRT engine %s passed its gate when built but fails now; rebuilding", folder)
-                manifest, runner, gate = build()
-    if not gate.passed:
-        raise EngineRejected(
-            f"{folder / TENSORRT_FILE}: refused, {gate.describe()}. Try another --batch or "
-            "--precision fp32, or use --backend onnx"
-        )
-    return BackendModel(model, "tensorrt", runner, engine_dir=folder, manifest=manifest, gate=gate)
+    recipe = _EngineRecipe(
+        key=key,
+        folder=key.folder(root),
+        engine_file=TENSORRT_FILE,
+        make_files=make_files,
+        open_runner=lambda path: TensorRTRunner(path, shapes),
+        gate_batch=batch_size,
+        build_hint=f"python -m export.build_engines --backend tensorrt --precision {precision} --batch {batch_size}",
+        refused_hint="Try another --batch or --precision fp32, or use --backend onnx",
+    )
+    return _load_or_build(model, recipe, build_missing=build_missing, rebuild=rebuild)
 
 
 def select_backend(

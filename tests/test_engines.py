@@ -30,6 +30,7 @@ from realtime_avatar.engines import (
     OUTPUT_IMAGES,
     BackendModel,
     BackendUnavailable,
+    EngineBuildError,
     EngineManifest,
     EngineRejected,
     OnnxRuntimeRunner,
@@ -273,6 +274,19 @@ def test_gate_refuses_an_engine_with_perturbed_weights(compact, compact_onnx, en
     repaired = select_backend(compact, "onnx", root)
     assert repaired.gate.passed
     assert_matches_torch(compact, repaired, 1, seed=15)
+
+
+def test_a_damaged_engine_file_is_refused_then_rebuilt(compact, compact_onnx, engines_root, tmp_path):
+    root = tmp_path / "engines"
+    folder = copy_engines(engines_root, compact, root)
+    data = (folder / ONNX_FILE).read_bytes()
+    (folder / ONNX_FILE).write_bytes(data[: len(data) // 2])  # an interrupted copy
+
+    with pytest.raises(EngineBuildError, match="ONNX Runtime cannot load it"):
+        select_backend(compact, "onnx", root, build_missing=False)
+    assert select_backend(compact, "auto", root, build_missing=False).backend_name == "torch"
+    rebuilt = select_backend(compact, "onnx", root)
+    assert rebuilt.gate.passed and (folder / ONNX_FILE).stat().st_size > len(data) // 2
 
 
 def test_fp16_export_keeps_float32_io_and_passes_the_fp16_gate(compact, tmp_path):
