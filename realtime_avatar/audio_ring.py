@@ -192,10 +192,11 @@ class AudioRing:
                 waiter = _Waiter(index, loop, loop.create_future())
                 self._waiters.append(waiter)
             try:
-                if timeout is None:
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+                # cancellation that arrives together with the result, and a consumer being
+                # torn down would then keep waiting.
+                async with asyncio.timeout(timeout):
                     await waiter.future
-                else:
-                    await asyncio.wait_for(waiter.future, timeout)
             finally:
                 with self._lock:
                     if waiter in self._waiters:

@@ -5,12 +5,16 @@ The output runs on one clock: tick n is due at t0 + n/25 and carries video frame
 the 40 ms of input audio that frame shows. Audio and lips therefore leave the session in the
 same tick, so they cannot drift apart; what can vary is the latency, and that is kept bounded:
 
-- input frame k becomes playable `delay` seconds after its audio arrived (time for the encoder's
-  lookahead and the renderer); it plays at the first tick after that;
-- with nothing playable (silence, no input) the tick idles (mouth closed), and the next input frame
-  plays as soon as it is due: idling never builds a backlog, speech never waits behind silence;
-- when frames pile up (an input burst, a clock faster than ours) and the oldest is more than
-  `max_backlog` seconds past due, the oldest are dropped so latency returns to `delay`.
+- a talk spurt is anchored when its first frame arrives: that frame plays `delay` seconds later
+  (time for the encoder's lookahead and the renderer), and every following input frame k plays
+  exactly (k - first)/25 s after it. Frames that arrive with network jitter smaller than `delay`
+  therefore play without a gap, on the input's own sample clock;
+- a frame that has not arrived when it is due (the input stopped, or a late packet beyond the
+  margin) makes the tick idle (mouth closed) and ends the spurt; the next frame to arrive starts
+  a new one. Idling never builds a backlog and speech never waits behind silence;
+- when the input runs ahead (a burst, a clock faster than ours) so that a frame would play more
+  than `delay + max_backlog` after it arrived, frames are dropped and the spurt re-anchored, so
+  latency returns to `delay`.
 
 Pure bookkeeping, no I/O: the session feeds it the input progress and asks it at each tick.
 """
@@ -35,6 +39,7 @@ class PlaybackStats:
     played: int = 0  # ticks that carried an input frame
     idle: int = 0  # ticks with no input frame due
     dropped: int = 0  # input frames skipped to bound latency (or dropped by interrupt)
+    underruns: int = 0  # spurts ended because the next frame had not arrived when due
 
 
 class PlaybackScheduler:
@@ -45,6 +50,7 @@ class PlaybackScheduler:
         self.max_backlog_s = max_backlog_s
         self._arrivals: deque[tuple[int, float]] = deque()  # (input frame, time its audio was complete)
         self._complete = 0  # input frames [0, _complete) have all their audio
+        self._anchor: tuple[int, float] | None = None  # (input frame, wall time it plays)
         self.next_frame = 0  # the next input frame to play
         self.last_arrival: float | None = None  # when the audio of the last played frame arrived
         self.stats = PlaybackStats()
@@ -55,16 +61,35 @@ class PlaybackScheduler:
             self._arrivals.append((k, now))
         self._complete = max(self._complete, frames_complete)
 
+    def _due(self, frame: int) -> float:
+        anchor_frame, anchor_time = self._anchor
+        return anchor_time + (frame - anchor_frame) / FPS
+
     def tick(self, now: float) -> int | None:
         """The input frame to play at this tick, or None to idle."""
-        # Bound latency: drop the oldest frames while the one after them is already overdue.
-        while len(self._arrivals) > 1 and now - self._arrivals[1][1] - self.delay_s > self.max_backlog_s:
+        if self._anchor is not None and self._arrivals:
+            # Bound latency: while the oldest waiting frame would play too long after it arrived,
+            # drop it; the spurt restarts from the first frame that is still fresh.
+            while self._arrivals and self._due(self._arrivals[0][0]) - self._arrivals[0][1] > self.delay_s + self.max_backlog_s:
+                self._arrivals.popleft()
+                self.stats.dropped += 1
+                self._anchor = None
+                if self._arrivals:
+                    self.next_frame = self._arrivals[0][0]
+                    self._anchor = (self.next_frame, max(now, self._arrivals[0][1] + self.delay_s))
+        if not self._arrivals:
+            if self._anchor is not None and now + EPSILON_S >= self._due(self.next_frame):
+                self._anchor = None  # the next frame is due but absent: the spurt has ended
+                self.stats.underruns += 1
+            self.stats.idle += 1
+            return None
+        frame, arrival = self._arrivals[0]
+        if self._anchor is None:
+            self._anchor = (frame, arrival + self.delay_s)
+        if now + EPSILON_S >= self._due(frame):
             self._arrivals.popleft()
-            self.stats.dropped += 1
-            self.next_frame = self._arrivals[0][0]
-        if self._arrivals and now + EPSILON_S >= self._arrivals[0][1] + self.delay_s:
-            frame, self.last_arrival = self._arrivals.popleft()
             self.next_frame = frame + 1
+            self.last_arrival = arrival
             self.stats.played += 1
             return frame
         self.stats.idle += 1
@@ -80,5 +105,6 @@ class PlaybackScheduler:
         if n:
             self.next_frame = self._arrivals[-1][0] + 1
         self._arrivals.clear()
+        self._anchor = None
         self.stats.dropped += n
         return n
