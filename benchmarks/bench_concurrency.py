@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import fractions
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import FRAME_MS  # noqa: E402
 
-from realtime_avatar.session import SessionConfig  # noqa: E402
+from realtime_avatar.session import VIDEO_CLOCK_RATE, VIDEO_TIME_BASE, SessionConfig  # noqa: E402
 from realtime_avatar.timing import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME  # noqa: E402
 
 HOLD_FPS = 24.5  # a level holds 25 fps when every session delivers at least this ...
@@ -66,7 +65,7 @@ class _VideoSender:
             n, image = self._pending
             self._pending = None
             frame = av.VideoFrame.from_ndarray(image, format="bgr24")
-            frame.pts, frame.time_base = n * (90_000 // FPS), fractions.Fraction(1, 90_000)
+            frame.pts, frame.time_base = n * (VIDEO_CLOCK_RATE // FPS), VIDEO_TIME_BASE
             t0 = time.perf_counter()
             await asyncio.to_thread(self._encoder.encode, frame, False)
             self.encode_ms.append(1000 * (time.perf_counter() - t0))

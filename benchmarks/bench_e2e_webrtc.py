@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import FRAME_MS  # noqa: E402
 
-from realtime_avatar.session import WINDOW_RIGHT_CONTEXT_S, SessionConfig  # noqa: E402
+from realtime_avatar.session import VIDEO_CLOCK_RATE, WINDOW_RIGHT_CONTEXT_S, SessionConfig  # noqa: E402
 from realtime_avatar.timing import (  # noqa: E402
     FPS,
     SAMPLE_RATE,
@@ -45,7 +45,7 @@ from realtime_avatar.timing import (  # noqa: E402
     window_last_feature,
 )
 
-PTS_PER_FRAME = 90_000 // FPS  # RTP video clock ticks per frame
+PTS_PER_FRAME = VIDEO_CLOCK_RATE // FPS  # RTP video clock ticks per frame (3600)
 LEAD_S = 1.5  # silence before the first word: the idle frames that calibrate codec noise
 GAP_S = 1.0  # silence after each word: every mouth returns to idle before the next onset
 QUIET_FRAMES = 5  # still frames (200 ms) before a moving one for it to count as a mouth onset

@@ -21,7 +21,6 @@ is timed (median, p90, p99, max in ms):
 from __future__ import annotations
 
 import argparse
-import fractions
 import sys
 import time
 import warnings
@@ -37,6 +36,7 @@ import common  # noqa: E402
 from realtime_avatar.audio_ring import AudioRing  # noqa: E402
 from realtime_avatar.audio_sources import StreamResampler  # noqa: E402
 from realtime_avatar.frame_windows import StreamingFrameWindows, offline_frame_windows  # noqa: E402
+from realtime_avatar.session import VIDEO_CLOCK_RATE, VIDEO_TIME_BASE  # noqa: E402
 from realtime_avatar.streaming_whisper import StreamingConfig, StreamingWhisper  # noqa: E402
 from realtime_avatar.timing import FPS, SAMPLE_RATE, SAMPLES_PER_FEATURE  # noqa: E402
 
@@ -204,8 +204,8 @@ def bench_video_encode(frames: list[np.ndarray], repeats: int) -> list[dict]:
         times = []
         for n in range(repeats + 5):
             frame = av.VideoFrame.from_ndarray(frames[n % len(frames)], format="bgr24")
-            frame.pts = n * (90_000 // FPS)
-            frame.time_base = fractions.Fraction(1, 90_000)
+            frame.pts = n * (VIDEO_CLOCK_RATE // FPS)
+            frame.time_base = VIDEO_TIME_BASE
             t0 = time.perf_counter()
             encoder.encode(frame, force_keyframe=(n == 0))
             times.append(1000 * (time.perf_counter() - t0))
