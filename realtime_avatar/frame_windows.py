@@ -3,9 +3,9 @@
 Frame i (video time [40i, 40i+40) ms) sees the 10 features 2i-4 .. 2i+5: 80 ms of audio before
 the frame and 80 ms after it. Features outside the clip are zeros (MuseTalk pads 4 features on
 the left and 12 on the right). The [10,5,384] window is flattened time-major into 50 tokens:
-t0 layers 0-4, t1 layers 0-4, ... The sinusoidal positional encoding is part of the model
-(realtime_avatar.models.audio_pe), so exported engines carry it; FrameWindows can add it for
-callers that drive a bare UNet.
+t0 layers 0-4, t1 layers 0-4, ... The sinusoidal positional encoding is part of the models
+(realtime_avatar.models.audio_pe), so exported engines carry it; `with_positional_encoding`
+adds the same table for callers that drive a bare UNet (MuseTalk's scripts add it outside).
 
 The offline path (whole clip) and the streaming path (frames released as soon as their last
 feature exists) produce identical windows for identical features.
@@ -53,6 +53,14 @@ def offline_frame_windows(features: np.ndarray, n_frames: int | None = None) -> 
     for i in range(n_frames):
         out[i] = frame_window(features, i)
     return out
+
+
+def with_positional_encoding(windows: np.ndarray) -> np.ndarray:
+    """Windows [..., 50, 384] plus MuseTalk's sinusoidal table over token positions 0-49."""
+    from .models.audio_pe import sinusoidal_positions
+
+    n_tokens, dim = windows.shape[-2:]
+    return windows + sinusoidal_positions(n_tokens, dim).numpy()
 
 
 @dataclass

@@ -101,3 +101,20 @@ def test_streaming_rejects_gaps():
     stream.push(0, numbered_features(3, dim=2))
     with pytest.raises(ValueError, match="expected index 3"):
         stream.push(4, numbered_features(1, dim=2))
+
+
+def test_positional_encoding_is_the_musetalk_sinusoid_over_50_tokens():
+    from realtime_avatar.frame_windows import with_positional_encoding
+
+    windows = np.zeros((2, 50, 384), np.float32)
+    pe = with_positional_encoding(windows)[0]
+    # token 0: sin(0)=0 on even dims, cos(0)=1 on odd dims
+    assert np.allclose(pe[0, 0::2], 0.0) and np.allclose(pe[0, 1::2], 1.0)
+    # token 7, dims 0/1: sin(7), cos(7) (the fastest wavelength, w_0 = 1)
+    assert pe[7, 0] == pytest.approx(np.sin(7.0), abs=1e-6) and pe[7, 1] == pytest.approx(np.cos(7.0), abs=1e-6)
+    # dims 2/3 use w_1 = 10000^(-2/384)
+    w1 = 10000.0 ** (-2 / 384)
+    assert pe[49, 2] == pytest.approx(np.sin(49 * w1), abs=1e-5)
+    # it is added, not substituted
+    ones = with_positional_encoding(np.ones((1, 50, 384), np.float32))[0]
+    np.testing.assert_allclose(ones - 1.0, pe, atol=1e-6)
