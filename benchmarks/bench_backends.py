@@ -15,7 +15,9 @@ torch.inference_mode as in AvatarRenderer:
                     ort_session_options)
 
 Cells are interleaved across runs so that load from other processes spreads over all of them;
-medians are reported, with the load average before and after. The ratio ORT / torch eager
+medians are reported, with the load average before and after. Run it with and without
+OMP_WAIT_POLICY=PASSIVE: torch's OpenMP threads spin after each op by default, which decides
+torch's speed whenever other work shares the cores. The ratio ORT / torch eager
 fp32 is reported at batch 1 and at ORT's best batch. Prints one JSON object, then a table.
 """
 
@@ -122,6 +124,9 @@ def main() -> None:
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in load_after],
         "torch": torch.__version__,
+        # libgomp threads spin ~ms after each parallel region unless PASSIVE: under shared
+        # load that decides torch's speed (and ORT's, when torch ran just before it)
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
         "patches_per_s_median": {b: {str(n): round(v, 1) for n, v in medians[b].items()} for b in backends},
         "patches_per_s_all_runs": {b: {str(n): [round(v, 1) for v in samples[b, n]] for n in batches} for b in backends},
         **ratios,
@@ -134,7 +139,8 @@ def main() -> None:
     print("(patches/s: render() incl. uint8 conversion, median of runs)")
     for key, value in ratios.items():
         print(f"{key}: {value}")
-    print(f"load average before {result['loadavg_before']}, after {result['loadavg_after']}")
+    print(f"load average before {result['loadavg_before']}, after {result['loadavg_after']}; "
+          f"OMP_WAIT_POLICY {result['omp_wait_policy']}")
 
 
 if __name__ == "__main__":
