@@ -152,9 +152,12 @@ def export_onnx(
         scratch_path = Path(scratch) / "graph.onnx"
         try:
             # diffusers asserts and branches on shapes: the tracer warns about each one; they
-            # hold for every batch (the latent size is fixed), so the warnings are noise
+            # hold for every batch (the latent size is fixed), so the warnings are noise. The
+            # TorchScript exporter is deprecated in favour of dynamo, which needs onnxscript:
+            # chosen on purpose, so its deprecation warnings are silenced here too.
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
                 torch.onnx.export(
                     graph,
                     (latents, audio),

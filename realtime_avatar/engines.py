@@ -319,7 +319,7 @@ def ort_session_options(threads: int | None = None, *, spin: bool = False):
     all graph optimisations (conv+activation fusion, constant folding, NCHWc layouts).
     Worker threads do not spin while waiting: the renderer shares the cores with Whisper,
     the event loop and the video encoder, and spinning threads steal their time slices
-    (measured with other work on the cores: 1.4-1.8x fewer patches/s with spinning).
+    (measured with other work on the cores: 1.2-3x fewer patches/s with spinning).
     """
     import onnxruntime as ort
 

@@ -22,6 +22,7 @@ from onnx import numpy_helper
 
 from export.onnx_export import export_onnx
 from realtime_avatar.engines import (
+    ENGINES_ENV,
     GATE_THRESHOLDS,
     INPUT_AUDIO,
     INPUT_LATENTS,
@@ -35,6 +36,7 @@ from realtime_avatar.engines import (
     EngineRejected,
     OnnxRuntimeRunner,
     accuracy_gate,
+    default_engines_dir,
     example_inputs,
     judge,
     patch_metrics,
@@ -333,6 +335,14 @@ def test_tensorrt_here_is_a_clear_error(compact, tmp_path):
     with pytest.raises(BackendUnavailable, match="TensorRT is not installed / no CUDA GPU: use --backend onnx or torch"):
         select_backend(compact, "tensorrt", tmp_path)
     assert not any(tmp_path.iterdir())  # nothing half-built left behind
+
+
+def test_engines_folder_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(ENGINES_ENV, str(tmp_path / "elsewhere"))
+    assert default_engines_dir() == tmp_path / "elsewhere"
+    monkeypatch.delenv(ENGINES_ENV)
+    checkout = Path(__file__).resolve().parent.parent
+    assert default_engines_dir() == checkout / "engines"  # tests run from a source checkout
 
 
 def test_torch_backend_is_the_model_itself(compact):
