@@ -333,7 +333,18 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return args.func(args)
+    from .audio_sources import AudioSourceError
+    from .avatar import AvatarError
+    from .engines import EngineError
+    from .models.registry import ModelLoadError
+    from .whisper_weights import WhisperWeightsError
+
+    try:
+        return args.func(args)
+    except (AudioSourceError, AvatarError, EngineError, ModelLoadError, WhisperWeightsError) as e:
+        # user-facing errors already say which file and what to do: no traceback
+        print(f"realtime-avatar {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
