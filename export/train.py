@@ -795,6 +795,9 @@ def train(
 
     if not resume:
         p.data_seconds = trainer.spent()
+    elif p.stage == "done" and budget - trainer.spent() > 60:
+        p.stage = "unet"  # a finished run resumed with a larger --minutes trains the UNet further
+        log.info("continuing the UNet stage for %.0f s more", budget - trainer.spent())
     # Stage budgets follow --minutes, also on resume (a resumed run may be given more or less
     # time): the autoencoder gets its share of the time after data preparation, the UNet the rest.
     latent_cost = LATENT_PASS_SECONDS_PER_FRAME * frames
