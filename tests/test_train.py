@@ -154,7 +154,7 @@ def test_losses_decrease_on_a_fixed_batch(tmp_path, clip_cache):
     trainer._start_stage("autoencoder")
     for g in trainer.optimizer.param_groups:
         g["lr"] = 3e-3
-    ae = [trainer.autoencoder_step(images, weight) for _ in range(25)]
+    ae = [trainer.autoencoder_step(images, weight) for _ in range(60)]  # 25 was not enough on a fresh checkout
     assert np.mean(ae[-5:]) < 0.7 * np.mean(ae[:3])
 
     trainer.latents = tr.encode_all(trainer.net.encoder, clips)
