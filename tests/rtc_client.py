@@ -304,6 +304,20 @@ def voiced_span(samples: np.ndarray, rate: int, relative_threshold: float = 0.1)
     return loud[0] * block / rate, (loud[-1] + 1) * block / rate
 
 
+def voiced_seconds(samples: np.ndarray, rate: int, relative_threshold: float = 0.1) -> float:
+    """Total seconds of 10 ms blocks louder than `relative_threshold` x the loudest block.
+    Unlike `voiced_span`, a silent gap that a stalled real-time link inserts adds nothing,
+    while a stretched or truncated clip still changes it in proportion."""
+    block = max(1, rate // 100)
+    n = len(samples) // block
+    if n == 0:
+        raise ValueError("voiced_seconds: clip shorter than 10 ms")
+    rms = np.sqrt(np.mean(samples[: n * block].reshape(n, block) ** 2, axis=1))
+    if rms.max() == 0:
+        raise ValueError("voiced_seconds: the clip is silent")
+    return float(np.count_nonzero(rms > relative_threshold * rms.max()) * block / rate)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="stream a WAV to the avatar server until killed")
     parser.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8080")

@@ -46,7 +46,7 @@ from realtime_avatar.models.registry import DEFAULT_COMPACT_WEIGHTS
 from realtime_avatar.session import AvatarSession, SessionConfig
 from realtime_avatar.timing import FPS, SAMPLE_RATE
 from tests.loopback_session import LoopbackSession, loopback_factory
-from tests.rtc_client import RtcClient, WavMicrophoneTrack, http_client, read_wav, serving, voiced_span
+from tests.rtc_client import RtcClient, WavMicrophoneTrack, http_client, read_wav, serving, voiced_seconds, voiced_span
 from tests.speech import espeak_wav
 
 REPO = Path(__file__).resolve().parents[1]
@@ -659,9 +659,15 @@ def test_unusual_input_rates_arrive_whole(tmp_path, wav_rate, codec, server_rate
     assert rate == wav_rate
     sent_start, sent_end = voiced_span(sent, rate)
     got_start, got_end = voiced_span(rec.audio, rec.audio_rate)
-    print(f"{wav_rate} Hz via {codec or 'opus'}: voiced sent {sent_end - sent_start:.3f} s, "
-          f"received {got_end - got_start:.3f} s")
-    assert abs((got_end - got_start) - (sent_end - sent_start)) < 0.1
+    sent_voiced, got_voiced = voiced_seconds(sent, rate), voiced_seconds(rec.audio, rec.audio_rate)
+    print(f"{wav_rate} Hz via {codec or 'opus'}: voiced span sent {sent_end - sent_start:.3f} s, "
+          f"received {got_end - got_start:.3f} s; voiced time sent {sent_voiced:.3f} s, "
+          f"received {got_voiced:.3f} s")
+    # The classic bug stretches 44.1 kHz speech 2.76x or squeezes 8 kHz speech to 0.5x; a loaded
+    # machine may insert a short silent gap when a frame is late, which the span allows for but
+    # the voiced time does not count.
+    assert abs(got_voiced - sent_voiced) < max(0.15, 0.2 * sent_voiced)
+    assert sent_end - sent_start - 0.1 < got_end - got_start < 1.2 * (sent_end - sent_start) + 0.1
 
 
 def test_503_at_capacity_and_the_slot_comes_back(speech_wav):
