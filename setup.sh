@@ -18,7 +18,7 @@ done
 
 PY=${PYTHON:-python3.11}
 APT_PKGS=(espeak-ng libespeak-ng1 sox libportaudio2 jackd2)
-if [[ $DEV == 1 ]]; then APT_PKGS+=(chromium); fi
+if [[ $DEV == 1 ]]; then APT_PKGS+=(chromium xvfb); fi  # xvfb: a display for the preview-window test
 
 missing=()
 for p in "${APT_PKGS[@]}"; do

@@ -9,7 +9,9 @@ audio. From those alone it finds, per word:
 - mouth-onset latency: onset sent -> first received frame whose mouth differs from the avatar's
   idle mouth by more than the codec alone does (calibrated on the frames before the first word);
 - audio latency: onset sent -> onset heard in the returned audio;
-- A/V offset of the returned stream: mouth onset minus audio onset, by receive time.
+- A/V offset of the returned stream: mouth onset minus audio onset, by receive time; and the
+  same measured on the same audio rendered offline (the content's own lead: a frame's window
+  hears 80 ms ahead), so that their difference is the offset streaming and the network add.
 
 The session is instrumented (logging only), so each mouth onset is also split into where the
 time went: network in, waiting for the window's right context + lookahead + hop (and the encoder
@@ -337,6 +339,49 @@ BREAKDOWN = (
 )
 
 
+def offline_reference(runtime, signal: common.OnsetSignal, config: SessionConfig, box,
+                      threshold: float) -> list[float | None]:
+    """Per word, the A/V offset the content itself has: the same signal through the offline,
+    non-streaming pipeline (features of the whole clip, a window per frame, MuseTalk's way),
+    frames with a silent window shown as the idle frame exactly as the session does, and the
+    mouth onset found by the same detector and threshold as in the received video.
+
+    Each frame's window hears two frames (80 ms) past the frame, so the mouth can move before
+    its sound in any MuseTalk-style renderer; subtracting this from the received offset leaves
+    the error the streaming pipeline and the network add (the "A/V offset" a viewer judges)."""
+    import soxr
+
+    from realtime_avatar.frame_windows import offline_frame_windows
+    from realtime_avatar.session import window_audio_range
+    from realtime_avatar.timing import num_frames
+
+    audio = soxr.resample(signal.samples, signal.rate, SAMPLE_RATE).astype(np.float32)
+    n_frames = num_frames(len(audio))
+    windows = offline_frame_windows(runtime.clip_features(audio), n_frames)
+    renderer, cycle = runtime.renderer, runtime.renderer.cycle_length
+    idle_sigs = [common.mouth_signature(renderer.idle_frame(p), box) for p in range(cycle)]
+
+    def silent(i: int) -> bool:
+        start, end = window_audio_range(i)
+        clip = audio[max(0, start) : max(0, end)]
+        return clip.size == 0 or float(np.sqrt(np.mean(clip * clip))) < config.silence_rms
+
+    moving = np.zeros(n_frames, bool)
+    speech = [i for i in range(n_frames) if not silent(i)]
+    for k in range(0, len(speech), renderer.batch_size):
+        batch = speech[k : k + renderer.batch_size]
+        for i, image in zip(batch, renderer.render([i % cycle for i in batch], windows[batch])):
+            moving[i] = common.signature_distance(common.mouth_signature(image, box), idle_sigs[i % cycle]) > threshold
+    onsets = [i for i in range(n_frames) if moving[i] and not moving[max(0, i - QUIET_FRAMES):i].any()]
+    out = []
+    for j, sent in enumerate(signal.onsets_s):
+        until = signal.onsets_s[j + 1] if j + 1 < len(signal.onsets_s) else float("inf")
+        # a frame leaves with its own 40 ms of audio: its time is the start of that audio
+        mouth = next((i / FPS for i in onsets if sent - 0.2 <= i / FPS < until - 0.2), None)
+        out.append(None if mouth is None else 1000 * (mouth - sent))
+    return out
+
+
 def summarise(analysis: dict, config: SessionConfig, raw: dict) -> dict:
     events = analysis["events"]
 
@@ -357,6 +402,8 @@ def summarise(analysis: dict, config: SessionConfig, raw: dict) -> dict:
         "audio_latency_ms": column("audio_latency_ms"),
         "av_offset_received_ms": column("av_offset_received_ms"),
         "av_offset_content_ms": column("av_offset_content_ms"),
+        "av_offset_offline_ms": column("av_offset_offline_ms"),
+        "av_offset_pipeline_ms": column("av_offset_pipeline_ms"),
         "detection_error_frames": column("detection_error_frames"),
         "breakdown_ms": {key: column(key) for key, _ in BREAKDOWN},
         "design_ms": design,
@@ -375,6 +422,8 @@ def markdown(result: dict) -> str:
         {"measure": "audio latency (sent -> heard back)", **_cols(s["audio_latency_ms"])},
         {"measure": "A/V offset received (mouth - audio onset)", **_cols(s["av_offset_received_ms"])},
         {"measure": "A/V offset in the stream (tick pts)", **_cols(s["av_offset_content_ms"])},
+        {"measure": "A/V offset of the same audio rendered offline (the content's own)", **_cols(s["av_offset_offline_ms"])},
+        {"measure": "A/V offset added by streaming + network (received - offline)", **_cols(s["av_offset_pipeline_ms"])},
     ]
     text = "End-to-end over WebRTC loopback (ms; n = onsets)\n\n" + common.markdown_table(rows)
     rows = [{"component": label, **_cols(s["breakdown_ms"][key])} for key, label in BREAKDOWN]
@@ -420,6 +469,12 @@ def run(args: argparse.Namespace, bench: common.BenchRuntime | None = None) -> d
     # a frame plays output_delay after its audio arrived, and its window hears 120 ms ahead
     lead = (WINDOW_FEATURES - WINDOW_PAD_LEFT) * SAMPLES_PER_FEATURE / SAMPLE_RATE
     analysis = analyse(raw, signal, bench.runtime, max(0.0, config.output_delay_s - lead))
+    reference = offline_reference(bench.runtime, signal, config, raw["box"],
+                                  analysis["alignment"]["motion_threshold"])
+    for event, offline in zip(analysis["events"], reference):
+        event["av_offset_offline_ms"] = offline
+        if offline is not None and event.get("av_offset_received_ms") is not None:
+            event["av_offset_pipeline_ms"] = event["av_offset_received_ms"] - offline
     result = common.header("e2e_webrtc", args, bench)
     result["settings"] = {"words": words, "gap_s": GAP_S, "session_batch": args.session_batch,
                           "render_budget_s": args.render_budget,

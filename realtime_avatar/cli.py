@@ -204,26 +204,65 @@ def cmd_serve(args) -> int:
 # -- live (microphone) ----------------------------------------------------------------------------
 
 
+class PreviewError(Exception):
+    """A preview that cannot be shown here (the message says what to do instead)."""
+
+
+def choose_preview(requested: str) -> str:
+    """'auto' -> 'window' when this machine has a display, else 'page'; others pass through."""
+    from .preview import display_available
+
+    if requested == "auto":
+        return "window" if display_available() is None else "page"
+    if requested == "window" and (why := display_available()) is not None:
+        raise PreviewError(f"--preview window: {why}; use --preview page and open the printed address")
+    return requested
+
+
 async def run_live(runtime, config, device=None, seconds: float | None = None, record: Path | None = None,
-                   report_every: float = 1.0) -> dict:
-    """Microphone -> avatar on this machine; optionally records the session to an MP4."""
+                   report_every: float = 1.0, preview: str = "none", preview_port: int = 8080,
+                   started=None) -> dict:
+    """Microphone -> avatar on this machine, with an optional preview ('window' or 'page') and
+    MP4 recording. `started(parts)` is called once everything runs (tests and embedders use it)."""
     from .audio_sources import MicrophoneSource
+    from .preview import PagePreview, WindowPreview
     from .recorder import Mp4Recorder
     from .session import AvatarSession
 
     session = AvatarSession(runtime.encoder, runtime.renderer, config)
-    recorder = None
+    recorder = window = page = None
     if record is not None:
         height, width = runtime.avatar.frame_shape[:2]
         recorder = Mp4Recorder(record, width, height)
-        session.on_tick = lambda n, frame, image, pcm: recorder.write(image, pcm)
+    if preview == "window":
+        window = WindowPreview(f"realtime-avatar: {runtime.avatar.path.name}")
+    elif preview == "page":
+        page = PagePreview(session, port=preview_port)
+    elif preview != "none":
+        raise ValueError(f"preview must be 'window', 'page' or 'none', not {preview!r}")
+
+    def on_tick(n, frame, image, pcm) -> None:
+        if recorder is not None:
+            recorder.write(image, pcm)
+        if window is not None:
+            window.show(image)
+
+    session.on_tick = on_tick
     mic = MicrophoneSource(session.ring, device=device)
     await session.start()
     mic.start()
+    tasks = []
+    if window is not None:
+        tasks.append(asyncio.create_task(window.run(), name="preview-window"))
+    if page is not None:
+        url = await page.start()
+        print(f"preview: open {url} in a browser", file=sys.stderr)
+    if started is not None:
+        started({"session": session, "window": window, "page": page, "microphone": mic})
     loop = asyncio.get_running_loop()
     t_end = None if seconds is None else loop.time() + seconds
     try:
-        while t_end is None or loop.time() < t_end:
+        while (t_end is None or loop.time() < t_end) and not (window is not None and window.closed):
             await asyncio.sleep(report_every)
             s = session.stats()
             print(f"\r  heard {s['input_seconds']:7.1f} s  fps {s['fps']:5.1f}  rendered {s['rendered_frames']:6d}  "
@@ -235,6 +274,14 @@ async def run_live(runtime, config, device=None, seconds: float | None = None, r
         await asyncio.sleep(config.output_delay_s + 0.2)  # let the last words play out
         stats = session.stats()
         stats["microphone"] = mic.stats()
+        if window is not None:
+            stats["preview_frames_shown"] = window.frames_shown
+            window.close()
+        for task in tasks:
+            await task
+        if page is not None:
+            stats["preview_viewers"] = len(page.peers)
+            await page.close()
         await session.close()
         if recorder is not None:
             await asyncio.to_thread(recorder.close)
@@ -243,7 +290,8 @@ async def run_live(runtime, config, device=None, seconds: float | None = None, r
 
 
 def cmd_live(args) -> int:
-    """Microphone -> avatar on this machine (PortAudio), recorded to an MP4 when --record is given."""
+    """Microphone -> avatar on this machine (PortAudio), shown in a window (or, with no display, on
+    a local page) and recorded to an MP4 when --record is given."""
     from .audio_sources import list_input_devices
     from .session import SessionConfig
 
@@ -251,12 +299,18 @@ def cmd_live(args) -> int:
         for d in list_input_devices():
             print(f"{d.index:3d}  {d.name}  ({d.hostapi}, {d.max_input_channels} ch, {d.default_samplerate:.0f} Hz)")
         return 0
+    try:
+        preview = choose_preview(args.preview)
+    except PreviewError as exc:
+        print(f"realtime-avatar live: {exc}", file=sys.stderr)
+        return 2
     runtime = _runtime(args)
     config = SessionConfig(streaming=runtime.streaming, batch_size=args.session_batch)
     device = int(args.device) if args.device is not None and args.device.isdigit() else args.device
     print("listening: speak into the microphone (Ctrl+C to stop)", file=sys.stderr)
     try:
-        stats = asyncio.run(run_live(runtime, config, device, args.seconds, Path(args.record) if args.record else None))
+        stats = asyncio.run(run_live(runtime, config, device, args.seconds, Path(args.record) if args.record else None,
+                                     preview=preview, preview_port=args.preview_port))
     except KeyboardInterrupt:
         return 0
     print(json.dumps(stats, indent=2))
@@ -312,13 +366,17 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("live", help="microphone -> avatar on this machine, optionally recorded to MP4",
+    p = sub.add_parser("live", help="microphone -> avatar on this machine, with a preview, optionally recorded to MP4",
                        description=cmd_live.__doc__)
     p.add_argument("--mic", action="store_true", help="use the microphone (the default and only live input)")
     p.add_argument("--device", default=None, help="input device index or name (see --list-devices)")
     p.add_argument("--list-devices", action="store_true", help="list input devices and exit")
     p.add_argument("--seconds", type=float, default=None, help="stop after this many seconds (default: Ctrl+C)")
     p.add_argument("--record", default=None, help="write the avatar video with its audio to this MP4")
+    p.add_argument("--preview", choices=("auto", "window", "page", "none"), default="auto",
+                   help="where to watch the avatar: a window on this display, a page served on 127.0.0.1 "
+                        "(for machines without a display), or none; auto picks window when a display exists")
+    p.add_argument("--preview-port", type=int, default=8080, help="port of the preview page (default 8080)")
     p.add_argument("--session-batch", type=int, default=4, help="frames per model call (default 4)")
     _model_args(p)
     p.set_defaults(func=cmd_live)

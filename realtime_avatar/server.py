@@ -142,13 +142,8 @@ class PtimeAudioTrack(MediaStreamTrack):
 # --- pure helpers (tested apart from the network) -------------------------------------------
 
 
-def check_offer_sdp(sdp: str) -> SessionDescription:
-    """Parse an SDP offer and check it can drive an avatar; raise OfferError(400) if not.
-
-    The peer must send audio (an audio m-line that is sendrecv or sendonly): that is the
-    avatar's only input. Video is optional in the offer (a peer that offers no video m-line
-    just gets the audio back).
-    """
+def parse_offer_sdp(sdp: str) -> SessionDescription:
+    """Parse an SDP offer; raise OfferError(400) saying what is wrong with it if it is not one."""
     if not sdp or not sdp.strip():
         raise OfferError(400, "empty SDP offer: send the offer from RTCPeerConnection.createOffer()")
     if len(sdp) > MAX_SDP_BYTES:
@@ -159,6 +154,17 @@ def check_offer_sdp(sdp: str) -> SessionDescription:
         description = SessionDescription.parse(sdp)
     except Exception as exc:  # aiortc's parser raises ValueError, IndexError, KeyError, ...
         raise OfferError(400, f"malformed SDP offer ({type(exc).__name__}: {exc})") from exc
+    return description
+
+
+def check_offer_sdp(sdp: str) -> SessionDescription:
+    """Parse an SDP offer and check it can drive an avatar; raise OfferError(400) if not.
+
+    The peer must send audio (an audio m-line that is sendrecv or sendonly): that is the
+    avatar's only input. Video is optional in the offer (a peer that offers no video m-line
+    just gets the audio back).
+    """
+    description = parse_offer_sdp(sdp)
     audio = [m for m in description.media if m.kind == "audio"]
     if not audio:
         raise OfferError(

@@ -130,3 +130,53 @@ def jackd() -> Iterator[JackServer]:
             sounddevice._terminate()
     if sounddevice is not None:
         sounddevice._initialize()
+
+
+class SpeechIntoMicrophone:
+    """Plays `speech` (float32 at the JACK rate) from a second PortAudio stream whose output is
+    routed into the microphone's input port. Open it (`with`), start the microphone, then
+    `route()`: the sentence starts from its beginning once it can be heard."""
+
+    def __init__(self, jackd: JackServer, device: int, speech):
+        import threading
+
+        import sounddevice
+
+        self.jackd, self.speech = jackd, speech
+        self.position = 0
+        self._lock = threading.Lock()
+        self._stream = sounddevice.OutputStream(samplerate=jackd.rate, device=device, channels=1,
+                                                dtype="float32", callback=self._play)
+
+    def _play(self, outdata, frames, time_info, status) -> None:
+        with self._lock:
+            chunk = self.speech[self.position : self.position + frames]
+            self.position += frames
+        outdata[:, 0] = 0.0
+        outdata[: len(chunk), 0] = chunk
+
+    @property
+    def seconds(self) -> float:
+        return len(self.speech) / self.jackd.rate
+
+    def route(self) -> None:
+        """Connect our output to the (first non-system) input port and restart the sentence."""
+        ours_in = [p for p in self.jackd.ports("input") if not p.startswith("system:")]
+        ours_out = [p for p in self.jackd.ports("output") if not p.startswith("system:")]
+        self.jackd.connect(ours_out[0], ours_in[0])
+        with self._lock:
+            self.position = 0
+
+    def __enter__(self) -> "SpeechIntoMicrophone":
+        self._stream.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stream.__exit__(*exc)
+
+
+def jack_device_index() -> int:
+    """PortAudio's index of the JACK device (after `reinitialize_portaudio()`)."""
+    from realtime_avatar.audio_sources import list_input_devices
+
+    return [d for d in list_input_devices() if d.hostapi.startswith("JACK")][0].index

@@ -246,8 +246,9 @@ class RtcClient:
                 response.raise_for_status()
                 body = await response.json()
                 self.answer_sdp = body["sdp"]
-                self.session_id = body["session_id"]
-                self.resource_url = f"{self.base_url}/sessions/{self.session_id}"
+                self.session_id = body.get("session_id")  # a watch-only preview has none
+                if self.session_id is not None:
+                    self.resource_url = f"{self.base_url}/sessions/{self.session_id}"
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=self.answer_sdp, type="answer"))
 
     async def close(self, http: aiohttp.ClientSession | None = None) -> None:

@@ -8,57 +8,41 @@ streaming Whisper -> renderer -> 25 fps clock -> MP4 recorder.
 from __future__ import annotations
 
 import asyncio
-import threading
+import time
 
 import av
 import numpy as np
 import pytest
 
-from realtime_avatar.audio_sources import list_input_devices, read_audio_file
-from realtime_avatar.cli import run_live
+from realtime_avatar.audio_sources import read_audio_file
+from realtime_avatar.cli import choose_preview, run_live
 from realtime_avatar.session import SessionConfig
 from realtime_avatar.timing import FPS
-from tests.jack import jackd, reinitialize_portaudio  # noqa: F401 - jackd is a fixture
+from tests.jack import SpeechIntoMicrophone, jack_device_index, jackd, reinitialize_portaudio  # noqa: F401 - jackd is a fixture
+from tests.rtc_client import RtcClient, http_client
 from tests.speech import espeak_wav, read_wav
+from tests.xvfb import x_display  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.jack
 
 
 def test_live_microphone_session_records_the_avatar_speaking(jackd, runtime, tmp_path):
-    import sounddevice
-
     reinitialize_portaudio()
-    device = [d for d in list_input_devices() if d.hostapi.startswith("JACK")][0].index
+    device = jack_device_index()
     speech, rate = read_wav(espeak_wav("Hello, this is the microphone speaking.", tmp_path / "s.wav", rate=jackd.rate))
     assert rate == jackd.rate
-    position = [0]
-    lock = threading.Lock()
-
-    def play(outdata, frames, time_info, status):
-        with lock:
-            chunk = speech[position[0] : position[0] + frames]
-            position[0] += frames
-        outdata[:, 0] = 0.0
-        outdata[: len(chunk), 0] = chunk
-
-    player = sounddevice.OutputStream(samplerate=jackd.rate, device=device, channels=1, dtype="float32",
-                                      callback=play)
     config = SessionConfig(streaming=runtime.streaming, batch_size=4)
     record = tmp_path / "live.mp4"
 
-    async def scenario():
-        live = asyncio.create_task(run_live(runtime, config, device, seconds=len(speech) / rate + 1.0,
+    async def scenario(player):
+        live = asyncio.create_task(run_live(runtime, config, device, seconds=player.seconds + 1.0,
                                             record=record, report_every=0.2))
         await asyncio.sleep(0.5)  # the microphone stream is open: route the player into it
-        ours_in = [p for p in jackd.ports("input") if not p.startswith("system:")]
-        ours_out = [p for p in jackd.ports("output") if not p.startswith("system:")]
-        jackd.connect(ours_out[0], ours_in[0])
-        with lock:
-            position[0] = 0  # start the sentence now that it is routed
+        player.route()
         return await live
 
-    with player:
-        stats = asyncio.run(scenario())
+    with SpeechIntoMicrophone(jackd, device, speech) as player:
+        stats = asyncio.run(scenario(player))
     print(stats)
     assert stats["microphone"]["callback_errors"] == 0
     assert stats["rendered_frames"] > 20  # speech frames went through the model
@@ -68,3 +52,82 @@ def test_live_microphone_session_records_the_avatar_speaking(jackd, runtime, tmp
     assert np.abs(heard).max() > 0.1
     with av.open(str(record)) as c:
         assert c.streams.video[0].frames == stats["recorded_frames"]
+
+
+def test_live_microphone_with_the_page_preview_streams_to_a_viewer(jackd, runtime, tmp_path):
+    """No display: `live --mic --preview page` serves a watch-only page; an aiortc viewer (what
+    the page's JavaScript does) receives the avatar at 25 fps and hears the speech."""
+    reinitialize_portaudio()
+    device = jack_device_index()
+    speech, _ = read_wav(espeak_wav("The preview page shows what I say.", tmp_path / "s.wav", rate=jackd.rate))
+    config = SessionConfig(streaming=runtime.streaming, batch_size=4)
+
+    async def scenario(player):
+        parts = {}
+        live = asyncio.create_task(run_live(runtime, config, device, seconds=player.seconds + 3.0,
+                                            report_every=0.2, preview="page", preview_port=0,
+                                            started=parts.update))
+        while "page" not in parts:
+            await asyncio.sleep(0.05)
+        async with http_client() as http:
+            viewer = RtcClient(parts["page"].url, None)
+            viewer.pc.addTransceiver("audio", direction="recvonly")
+            await viewer.connect(http)
+            await asyncio.wait_for(viewer.first_video.wait(), 10)
+            player.route()
+            t0 = time.monotonic()
+            await asyncio.sleep(player.seconds + 1.5)
+            watched = time.monotonic() - t0
+            await viewer.close()
+        return await live, viewer.recording, watched
+
+    with SpeechIntoMicrophone(jackd, device, speech) as player:
+        stats, rec, watched = asyncio.run(scenario(player))
+    arrivals = [t for t in rec.video_arrivals if t >= rec.video_arrivals[0] + 0.5]
+    fps = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
+    print(f"viewer: {len(rec.video_arrivals)} frames in {watched:.1f} s ({fps:.1f} fps), "
+          f"{len(rec.audio) / rec.audio_rate:.2f} s of audio, peak {np.abs(rec.audio).max():.3f}; {stats}")
+    assert stats["preview_viewers"] == 0  # the viewer hung up before the session ended
+    assert stats["rendered_frames"] > 20
+    assert fps >= FPS - 2
+    assert np.abs(rec.audio).max() > 0.1  # the avatar's voice (the microphone's speech) came back
+    assert rec.video_size == tuple(runtime.avatar.frame_shape[1::-1])
+
+
+def test_live_microphone_with_a_window_preview(jackd, runtime, tmp_path, x_display):
+    """With a display (Xvfb here): `live --mic --preview window` shows every played frame."""
+    pytest.importorskip("tkinter")
+    reinitialize_portaudio()
+    device = jack_device_index()
+    speech, _ = read_wav(espeak_wav("A window shows the avatar.", tmp_path / "s.wav", rate=jackd.rate))
+    config = SessionConfig(streaming=runtime.streaming, batch_size=4)
+    assert choose_preview("auto") == "window"
+
+    async def scenario(player):
+        parts, seen = {}, []
+
+        async def look():  # what is on screen, while the session runs
+            while "window" not in parts:
+                await asyncio.sleep(0.05)
+            window = parts["window"]
+            player.route()
+            for _ in range(int(player.seconds / 0.5)):
+                await asyncio.sleep(0.5)
+                if window.last_shown is not None:
+                    y, x = (s // 2 for s in window.last_shown.shape[:2])
+                    b, g, r = window.last_shown[y, x]
+                    seen.append(tuple(window.photo.get(int(x), int(y))) == (r, g, b))
+
+        looking = asyncio.create_task(look())
+        stats = await run_live(runtime, config, device, seconds=player.seconds + 1.0, report_every=0.2,
+                               preview="window", started=parts.update)
+        await looking
+        return stats, seen
+
+    with SpeechIntoMicrophone(jackd, device, speech) as player:
+        stats, seen = asyncio.run(scenario(player))
+    print(f"window showed {stats['preview_frames_shown']} of {stats['frames_sent']} ticks; {stats}")
+    assert seen and all(seen)
+    assert stats["rendered_frames"] > 10
+    # the window is pumped every 20 ms, faster than the 40 ms ticks: it misses almost none
+    assert stats["preview_frames_shown"] >= 0.9 * stats["frames_sent"]
