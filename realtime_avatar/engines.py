@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from .models.base import RendererModel
-from .models.registry import check_render_inputs
+from .models.base import check_render_inputs
 from .timing import AUDIO_TOKENS, WHISPER_DIM
 
 log = logging.getLogger(__name__)

@@ -68,6 +68,16 @@ def reinitialize_portaudio():
     return sounddevice
 
 
+def stop_process(process: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited after `grace_s`; always reaped."""
+    process.terminate()
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @contextmanager
 def jack_server(rate: int = JACK_RATE) -> Iterator[JackServer]:
     """Run a dummy-driver JACK server for the duration of the block. Skips if jackd is absent."""
@@ -104,12 +114,7 @@ def jack_server(rate: int = JACK_RATE) -> Iterator[JackServer]:
             time.sleep(0.1)
         yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
         log.close()
         for key, value in saved_env.items():
             if value is None:

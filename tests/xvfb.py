@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.jack import stop_process
+
 XVFB = shutil.which("Xvfb")
 
 
@@ -35,9 +37,4 @@ def x_display(monkeypatch) -> Iterator[str]:
         monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
         yield os.environ["DISPLAY"]
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)

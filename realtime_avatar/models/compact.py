@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from realtime_avatar.models.audio_pe import AudioPositionalEncoding
-from realtime_avatar.models.base import PATCH_SIZE
-from realtime_avatar.models.registry import (
+from realtime_avatar.models.base import (
+    PATCH_SIZE,
     ModelLoadError,
     check_crops,
     check_render_inputs,

@@ -35,8 +35,8 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from realtime_avatar.models.audio_pe import AudioPositionalEncoding
-from realtime_avatar.models.base import PATCH_SIZE
-from realtime_avatar.models.registry import (
+from realtime_avatar.models.base import (
+    PATCH_SIZE,
     ModelLoadError,
     check_crops,
     check_render_inputs,
