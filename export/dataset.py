@@ -22,6 +22,7 @@ bit for bit, in any process (see export.phonemes on espeak's hidden state).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -576,20 +577,26 @@ class ClipGenerator:
         )
 
     def render_frames(
-        self, face_index: int, curves: VisemeCurves, aug: Augmentation
+        self, face_index: int, curves: VisemeCurves | None, aug: Augmentation,
+        indices: Sequence[int] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The clip's 256x256 crops [n, 256, 256, 3] and face boxes [n, 4]."""
+        """The 256x256 crops [n, 256, 256, 3] and face boxes [n, 4] of frames `indices` (default:
+        every frame of `curves`). With `curves` None the untouched photo (its own mouth, not the
+        teacher's) is cut instead, under the same head pose, box, colour, light and mirror."""
         face, canvas = self.faces[face_index], self._canvases[face_index]
         teacher = self._teachers[face_index]
+        if indices is None:
+            if curves is None:
+                raise ValueError("render_frames: give the frame indices when there are no curves")
+            indices = range(len(curves))
         frame_shape = face.photo.shape[:2]
         points = face.landmarks.points.astype(np.float64)
         centre = (points[10] + points[152]) / 2  # forehead to chin midpoint
         canvas_to_source = invert(canvas.from_source)
         lut, light = colour_lut(aug), light_field(aug)
-        n = len(curves)
-        frames = np.empty((n, CROP_SIZE, CROP_SIZE, 3), np.uint8)
-        boxes = np.empty((n, 4), np.int32)
-        for i in range(n):
+        frames = np.empty((len(indices), CROP_SIZE, CROP_SIZE, 3), np.uint8)
+        boxes = np.empty((len(indices), 4), np.int32)
+        for k, i in enumerate(indices):
             pose = head_pose(aug, i / FPS, frame_shape, centre)
             moved = points @ pose[:, :2].T + pose[:, 2]
             box = jitter_box(face_bbox(moved, frame_shape).as_tuple(), aug.box_jitter)
@@ -597,14 +604,14 @@ class ClipGenerator:
             # canvas -> source photo -> virtual frame -> this frame's box (at the frame's own
             # resolution, as a real video would have it), then the model's 256x256 resize.
             to_box = compose(np.array([[1.0, 0, -x1], [0, 1.0, -y1]]), compose(pose, canvas_to_source))
-            rendered = teacher.render(curves.at(i))
+            drawn = canvas.image if curves is None else teacher.render(curves.at(i))
             cut = cv2.warpAffine(
-                rendered, to_box, (x2 - x1, y2 - y1), flags=cv2.INTER_LINEAR,
+                drawn, to_box, (x2 - x1, y2 - y1), flags=cv2.INTER_LINEAR,
                 borderMode=cv2.BORDER_REFLECT,
             )
             crop = cv2.resize(cut, (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_LANCZOS4)
-            frames[i] = apply_colour(crop, lut, light, aug)
-            boxes[i] = box
+            frames[k] = apply_colour(crop, lut, light, aug)
+            boxes[k] = box
         if aug.mirror:
             frames = np.ascontiguousarray(frames[:, :, ::-1])
             w = frame_shape[1]

@@ -203,38 +203,8 @@ def subclip_windows(
 
 def photo_crops(generator, clip, indices: Sequence[int]) -> np.ndarray:
     """The ORIGINAL photo (its own mouth, not the teacher's) cut exactly as the clip's frames
-    `indices` are: same head pose, face box, colour, light, focus and mirror.
-
-    Mirrors export.dataset.ClipGenerator.render_frames with the untouched photo in place of the
-    teacher's render (the teacher works on the face canvas; canvas.image is that photo)."""
-    import cv2
-
-    from export import dataset as ds
-    from export.teacher import face_canvas
-    from realtime_avatar.face import face_bbox
-    from realtime_avatar.timing import FPS
-
-    face = generator.faces[clip.face_index]
-    canvas = face_canvas(face.photo, face.landmarks)
-    aug = clip.augmentation
-    frame_shape = face.photo.shape[:2]
-    points = face.landmarks.points.astype(np.float64)
-    centre = (points[10] + points[152]) / 2
-    canvas_to_source = ds.invert(canvas.from_source)
-    lut, light = ds.colour_lut(aug), ds.light_field(aug)
-    out = np.empty((len(indices), PATCH_SIZE, PATCH_SIZE, 3), np.uint8)
-    for k, i in enumerate(indices):
-        pose = ds.head_pose(aug, i / FPS, frame_shape, centre)
-        moved = points @ pose[:, :2].T + pose[:, 2]
-        x1, y1, x2, y2 = ds.jitter_box(face_bbox(moved, frame_shape).as_tuple(), aug.box_jitter)
-        to_box = ds.compose(np.array([[1.0, 0, -x1], [0, 1.0, -y1]]), ds.compose(pose, canvas_to_source))
-        cut = cv2.warpAffine(canvas.image, to_box, (x2 - x1, y2 - y1), flags=cv2.INTER_LINEAR,
-                             borderMode=cv2.BORDER_REFLECT)
-        crop = cv2.resize(cut, (PATCH_SIZE, PATCH_SIZE), interpolation=cv2.INTER_LANCZOS4)
-        out[k] = ds.apply_colour(crop, lut, light, aug)
-    if aug.mirror:
-        out = np.ascontiguousarray(out[:, :, ::-1])
-    return out
+    `indices` are: same head pose, face box, colour, light, focus and mirror."""
+    return generator.render_frames(clip.face_index, None, clip.augmentation, indices)[0]
 
 
 def prepare_teacher_clip(seed: int, split: str, encoder, subclips: int) -> ClipData:

@@ -19,6 +19,7 @@ from export.dataset import (
     assemble_speech,
     colour_lut,
     compose,
+    default_generator,
     generate_clip,
     head_pose,
     invert,
@@ -156,6 +157,23 @@ def test_clip_frames_show_the_mouth_moving(clips):
     open_gap = min(gap(i) for i in open_frames)
     assert closed_gap < 0.015
     assert open_gap > 0.03 and open_gap > 3 * closed_gap
+
+
+def test_untouched_photo_crops_match_the_clip_frames_but_the_mouth(clips):
+    """render_frames(curves=None) cuts the original photo exactly as the clip's frames: same
+    pose, box, colour and mirror (the trainer's reference crops), only the mouth differs."""
+    clip = clips[0]
+    jaw = clip.curves.jaw
+    picks = [int(np.argmax(jaw)), int(np.argmin(jaw)), 0]
+    photos, boxes = default_generator().render_frames(clip.face_index, None, clip.augmentation, picks)
+    assert photos.shape == (3, CROP_SIZE, CROP_SIZE, 3)
+    np.testing.assert_array_equal(boxes, clip.boxes[picks])
+    upper = slice(0, CROP_SIZE // 3)  # forehead and eyes: the teacher never draws there
+    diff_upper = np.abs(photos[:, upper].astype(int) - clip.frames[picks][:, upper].astype(int))
+    assert diff_upper.mean() < 1.0
+    mouth = (slice(CROP_SIZE // 2, CROP_SIZE), slice(CROP_SIZE // 4, 3 * CROP_SIZE // 4))
+    open_diff = np.abs(photos[0][mouth].astype(int) - clip.frames[picks[0]][mouth].astype(int)).mean()
+    assert open_diff > 5 * max(diff_upper.mean(), 0.5)  # the teacher's open mouth is not the photo's
 
 
 def test_clips_are_deterministic_and_differ_by_seed(clips):
