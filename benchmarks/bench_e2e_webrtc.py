@@ -435,7 +435,8 @@ def markdown(result: dict) -> str:
 
 
 def _cols(stats: dict) -> dict:
-    return {"median": stats["median"], "p90": stats["p90"], "max": stats["max"], "n": stats["n"]}
+    return {"min": stats.get("min"), "median": stats["median"], "p90": stats["p90"], "max": stats["max"],
+            "n": stats["n"]}
 
 
 def plot(result: dict, plots: Path | None) -> list[str]:

@@ -57,12 +57,13 @@ SENTENCES = (
 
 
 def summarize(values: Iterable[float], digits: int = 2) -> dict[str, float | int | None]:
-    """n, median, p90, p99, max and mean of a sample (None fields when it is empty)."""
+    """n, min, median, p90, p99, max and mean of a sample (None fields when it is empty)."""
     x = np.asarray(list(values), dtype=np.float64)
     if x.size == 0:
-        return {"n": 0, "median": None, "p90": None, "p99": None, "max": None, "mean": None}
+        return {"n": 0, "min": None, "median": None, "p90": None, "p99": None, "max": None, "mean": None}
     return {
         "n": int(x.size),
+        "min": round(float(x.min()), digits),
         "median": round(float(np.median(x)), digits),
         "p90": round(float(np.percentile(x, 90)), digits),
         "p99": round(float(np.percentile(x, 99)), digits),

@@ -136,8 +136,13 @@ def headline(report: dict) -> str:
             f"{_ms(true['median'])} / {_ms(true['p90'])} (first rendered mouth); detected in video: "
             f"{_ms(seen['median'])} (n={seen['n']}){why}")
         add("audio latency (spoken -> heard back), median", _ms(e2e["audio_latency_ms"]["median"]))
-        add("A/V offset, mouth minus voice onset: in the stream / as received",
-            f"{_ms(e2e['av_offset_content_ms']['median'])} / {_ms(e2e['av_offset_received_ms']['median'])}")
+        add("A/V offset, mouth minus voice onset: in the stream / as received / same audio rendered offline",
+            f"{_ms(e2e['av_offset_content_ms']['median'])} / {_ms(e2e['av_offset_received_ms']['median'])} / "
+            f"{_ms((e2e.get('av_offset_offline_ms') or {}).get('median'))}")
+        pipeline = e2e.get("av_offset_pipeline_ms") or {}
+        if pipeline.get("n"):
+            add("A/V offset added by streaming + network (received - offline), median / min / max",
+                f"{_ms(pipeline['median'])} / {_ms(pipeline['min'])} / {_ms(pipeline['max'])} (n={pipeline['n']})")
         add("session output delay (right context + lookahead + hop + render budget)",
             _ms(e2e["design_ms"]["output_delay_ms"]))
     stages = _get(r, "stages", "rows") or []

@@ -35,6 +35,7 @@ def test_summarize_matches_numpy_and_handles_empty():
     assert s["p90"] == pytest.approx(np.percentile(x, 90), abs=1e-6)
     assert s["p99"] == pytest.approx(np.percentile(x, 99), abs=1e-6)
     assert s["max"] == pytest.approx(x.max(), abs=1e-6)
+    assert s["min"] == pytest.approx(x.min(), abs=1e-6)
     assert common.summarize([])["median"] is None
 
 
