@@ -36,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import FRAME_MS  # noqa: E402
 
+from export.evaluate import CLOSED_GAP, measure_openings  # noqa: E402
+
 from realtime_avatar.session import VIDEO_CLOCK_RATE, WINDOW_RIGHT_CONTEXT_S, SessionConfig  # noqa: E402
 from realtime_avatar.timing import (  # noqa: E402
     FPS,
@@ -53,23 +55,30 @@ GAP_S = 1.0  # silence after each word: every mouth returns to idle before the n
 QUIET_FRAMES = 5  # still frames (200 ms) before a moving one for it to count as a mouth onset
 
 
-class _MouthTrack:
-    """Wraps the received video track: notes each frame's arrival and mouth thumbnail."""
+def _scaled(box, image_shape, frame_shape):
+    if image_shape[:2] == frame_shape[:2]:
+        return box
+    sy, sx = image_shape[0] / frame_shape[0], image_shape[1] / frame_shape[1]  # scaled by the sender
+    return int(box[0] * sx), int(box[1] * sy), int(box[2] * sx), int(box[3] * sy)
 
-    def __init__(self, track, box, frame_shape, log: list):
+
+class _MouthTrack:
+    """Wraps the received video track: notes each frame's arrival and mouth thumbnail, and
+    keeps the face region (measured with mediapipe after the run, off the media path)."""
+
+    def __init__(self, track, box, face, frame_shape, log: list, faces: list):
         self._inner = track
-        self._box, self._shape, self._log = box, frame_shape, log
+        self._box, self._face, self._shape, self._log, self._faces = box, face, frame_shape, log, faces
         self.kind = track.kind
 
     async def recv(self):
         frame = await self._inner.recv()
         arrived = time.monotonic()
         image = frame.to_ndarray(format="bgr24")
-        box = self._box
-        if image.shape[:2] != self._shape[:2]:  # scaled by the sender: scale the box along
-            sy, sx = image.shape[0] / self._shape[0], image.shape[1] / self._shape[1]
-            box = (int(box[0] * sx), int(box[1] * sy), int(box[2] * sx), int(box[3] * sy))
+        box = _scaled(self._box, image.shape, self._shape)
+        x1, y1, x2, y2 = _scaled(self._face, image.shape, self._shape)
         self._log.append((arrived, frame.pts, common.mouth_signature(image, box)))
+        self._faces.append(image[y1:y2, x1:x2].copy())
         return frame
 
     def __getattr__(self, name):
@@ -108,14 +117,15 @@ def _client_class():
     class MouthClient(RtcClient):
         """The test client, with the received video track wrapped by _MouthTrack."""
 
-        def __init__(self, *args, box, frame_shape, **kwargs):
+        def __init__(self, *args, box, face, frame_shape, **kwargs):
             super().__init__(*args, **kwargs)
             self.frames: list[tuple[float, int, np.ndarray]] = []  # (arrival, pts, signature)
-            self._box, self._shape = box, frame_shape
+            self.faces: list[np.ndarray] = []  # the face region of each received frame
+            self._box, self._face, self._shape = box, face, frame_shape
 
         def _on_track(self, track):
             if track.kind == "video":
-                track = _MouthTrack(track, self._box, self._shape, self.frames)
+                track = _MouthTrack(track, self._box, self._face, self._shape, self.frames, self.faces)
             super()._on_track(track)
 
     return MouthClient
@@ -131,6 +141,7 @@ async def run_loopback(bench: common.BenchRuntime, signal: common.OnsetSignal, c
 
     runtime = bench.runtime
     box = common.mouth_box(runtime.avatar.landmarks, runtime.avatar.frame_shape)
+    face = common.face_region(runtime.avatar.landmarks, runtime.avatar.frame_shape)
     sessions = []
 
     app = None
@@ -154,7 +165,7 @@ async def run_loopback(bench: common.BenchRuntime, signal: common.OnsetSignal, c
         wav = signal.write_wav(Path(tmp) / "onsets.wav")
         mic = WavMicrophoneTrack(wav)  # the signal carries its own lead and tail silence
         async with serving(app) as url, aiohttp.ClientSession() as http:
-            client = _client_class()(url, mic, box=box, frame_shape=runtime.avatar.frame_shape)
+            client = _client_class()(url, mic, box=box, face=face, frame_shape=runtime.avatar.frame_shape)
             t_connect = time.monotonic()
             await client.connect(http)
             await asyncio.wait_for(client.connected.wait(), 15)
@@ -173,7 +184,7 @@ async def run_loopback(bench: common.BenchRuntime, signal: common.OnsetSignal, c
             await client.close(http)
     return {
         "session": sessions[0], "stats": stats, "client": client, "mic": mic,
-        "box": box, "connected_s": connected_s,
+        "box": box, "face": face, "connected_s": connected_s,
     }
 
 
@@ -244,8 +255,12 @@ def analyse(raw: dict, signal: common.OnsetSignal, runtime, min_latency_s: float
     # mouth hardly depends on the audio, and no pixel detector can see it move.
     rendered_d = [common.signature_distance(sig, idle_sigs[n % cycle])
                   for (_, _, sig), n in zip(frames, tick_of) if n in by_tick and by_tick[n].rendered]
-    moving = [common.signature_distance(sig, idle_sigs[n % cycle]) > threshold
-              for (_, _, sig), n in zip(frames, tick_of)]
+    # A moving mouth: mediapipe's inner-lip gap above CLOSED_GAP face heights, the measure of the
+    # lip-sync evaluation (a rendered closed mouth measures 0.001-0.002; a random-weights model's
+    # mouth never opens, so nothing is detected with it). Pixel distances to the idle mouth
+    # (kept above for the diagnostics) cannot tell a soft re-rendered closed mouth from an open one.
+    openings = measure_openings(client.faces)
+    moving = [bool(o > CLOSED_GAP) for o in openings]
     # a mouth onset: a moving frame after at least QUIET_FRAMES still ones (not the tail of the
     # previous word, which can still be arriving when the next word is sent)
     motion_onsets = [(frames[k][0], tick_of[k]) for k in range(len(frames))
@@ -275,7 +290,7 @@ def analyse(raw: dict, signal: common.OnsetSignal, runtime, min_latency_s: float
                      if (t := common.time_ring_reached(session.input_log, s)) is not None and sent - 0.05 <= t < until),
                     None)
         if s_on is not None:
-            event.update(_server_breakdown(session, ticks, by_tick, frames, tick_of, s_on, sent, mouth))
+            event.update(_server_breakdown(session, ticks, by_tick, frames, tick_of, s_on, sent, mouth, heard))
         events.append(event)
     return {
         "events": events,
@@ -283,7 +298,9 @@ def analyse(raw: dict, signal: common.OnsetSignal, runtime, min_latency_s: float
                       "idle_distance_p95": round(float(np.percentile(idle_d, 95)), 3) if idle_d else None,
                       "motion_threshold": round(threshold, 3), "idle_frames_calibrated": len(idle_d),
                       "rendered_distance_median": round(float(np.median(rendered_d)), 3) if rendered_d else None,
-                      "rendered_frames_received": len(rendered_d)},
+                      "rendered_frames_received": len(rendered_d),
+                      "open_threshold_face_heights": CLOSED_GAP,
+                      "faces_not_found": int(np.isnan(openings).sum())},
         "received": {"video_frames": len(frames), "audio_seconds": round(len(rec.audio) / max(1, rec.audio_rate), 2),
                      "fps": round(len(frames) / max(1e-9, frames[-1][0] - frames[0][0]), 2)},
         "onsets_found": {"sent": len(t_sent), "server_input": len(server_onsets), "audio_back": len(audio_back),
@@ -291,7 +308,7 @@ def analyse(raw: dict, signal: common.OnsetSignal, runtime, min_latency_s: float
     }
 
 
-def _server_breakdown(session, ticks, by_tick, frames, tick_of, s_on, sent, mouth) -> dict:
+def _server_breakdown(session, ticks, by_tick, frames, tick_of, s_on, sent, mouth, heard) -> dict:
     """Where the time from `sent` to the mouth frame went, from the session's own logs."""
     t_in = common.time_ring_reached(session.input_log, s_on)
     onset_frame = s_on // SAMPLES_PER_FRAME
@@ -324,6 +341,11 @@ def _server_breakdown(session, ticks, by_tick, frames, tick_of, s_on, sent, mout
         # what the stream carries: the mouth tick's time minus the onset's time in the audio
         onset_in_tick_ms = (s_on % SAMPLES_PER_FRAME) / SAMPLE_RATE * 1000
         out["av_offset_content_ms"] = (mouth_tick.n - audio_tick.n) * FRAME_MS - onset_in_tick_ms
+        if heard is not None and "network_out_ms" in out:
+            # the same tick's audio and video take different paths to the client (Opus and its
+            # jitter buffer vs VP8 and its frame buffer); the difference shifts lips against voice
+            audio_out_ms = 1000 * (heard - audio_tick.t) - onset_in_tick_ms
+            out["av_transport_skew_ms"] = out["network_out_ms"] - audio_out_ms
     return out
 
 
@@ -339,12 +361,11 @@ BREAKDOWN = (
 )
 
 
-def offline_reference(runtime, signal: common.OnsetSignal, config: SessionConfig, box,
-                      threshold: float) -> list[float | None]:
+def offline_reference(runtime, signal: common.OnsetSignal, config: SessionConfig, face) -> list[float | None]:
     """Per word, the A/V offset the content itself has: the same signal through the offline,
     non-streaming pipeline (features of the whole clip, a window per frame, MuseTalk's way),
     frames with a silent window shown as the idle frame exactly as the session does, and the
-    mouth onset found by the same detector and threshold as in the received video.
+    mouth onset found by the same detector (mediapipe's inner-lip gap) as in the received video.
 
     Each frame's window hears two frames (80 ms) past the frame, so the mouth can move before
     its sound in any MuseTalk-style renderer; subtracting this from the received offset leaves
@@ -359,19 +380,19 @@ def offline_reference(runtime, signal: common.OnsetSignal, config: SessionConfig
     n_frames = num_frames(len(audio))
     windows = offline_frame_windows(runtime.clip_features(audio), n_frames)
     renderer, cycle = runtime.renderer, runtime.renderer.cycle_length
-    idle_sigs = [common.mouth_signature(renderer.idle_frame(p), box) for p in range(cycle)]
 
     def silent(i: int) -> bool:
         start, end = window_audio_range(i)
         clip = audio[max(0, start) : max(0, end)]
         return clip.size == 0 or float(np.sqrt(np.mean(clip * clip))) < config.silence_rms
 
+    x1, y1, x2, y2 = face
     moving = np.zeros(n_frames, bool)
     speech = [i for i in range(n_frames) if not silent(i)]
     for k in range(0, len(speech), renderer.batch_size):
         batch = speech[k : k + renderer.batch_size]
-        for i, image in zip(batch, renderer.render([i % cycle for i in batch], windows[batch])):
-            moving[i] = common.signature_distance(common.mouth_signature(image, box), idle_sigs[i % cycle]) > threshold
+        images = renderer.render([i % cycle for i in batch], windows[batch])
+        moving[batch] = measure_openings([image[y1:y2, x1:x2] for image in images]) > CLOSED_GAP
     onsets = [i for i in range(n_frames) if moving[i] and not moving[max(0, i - QUIET_FRAMES):i].any()]
     out = []
     for j, sent in enumerate(signal.onsets_s):
@@ -404,6 +425,8 @@ def summarise(analysis: dict, config: SessionConfig, raw: dict) -> dict:
         "av_offset_content_ms": column("av_offset_content_ms"),
         "av_offset_offline_ms": column("av_offset_offline_ms"),
         "av_offset_pipeline_ms": column("av_offset_pipeline_ms"),
+        "av_transport_skew_ms": column("av_transport_skew_ms"),
+        "av_offset_streaming_ms": column("av_offset_streaming_ms"),
         "detection_error_frames": column("detection_error_frames"),
         "breakdown_ms": {key: column(key) for key, _ in BREAKDOWN},
         "design_ms": design,
@@ -424,6 +447,8 @@ def markdown(result: dict) -> str:
         {"measure": "A/V offset in the stream (tick pts)", **_cols(s["av_offset_content_ms"])},
         {"measure": "A/V offset of the same audio rendered offline (the content's own)", **_cols(s["av_offset_offline_ms"])},
         {"measure": "A/V offset added by streaming + network (received - offline)", **_cols(s["av_offset_pipeline_ms"])},
+        {"measure": "transport skew: video minus audio delay, tick -> client", **_cols(s["av_transport_skew_ms"])},
+        {"measure": "A/V offset added by streaming alone (received - offline - skew)", **_cols(s["av_offset_streaming_ms"])},
     ]
     text = "End-to-end over WebRTC loopback (ms; n = onsets)\n\n" + common.markdown_table(rows)
     rows = [{"component": label, **_cols(s["breakdown_ms"][key])} for key, label in BREAKDOWN]
@@ -470,12 +495,13 @@ def run(args: argparse.Namespace, bench: common.BenchRuntime | None = None) -> d
     # a frame plays output_delay after its audio arrived, and its window hears 120 ms ahead
     lead = (WINDOW_FEATURES - WINDOW_PAD_LEFT) * SAMPLES_PER_FEATURE / SAMPLE_RATE
     analysis = analyse(raw, signal, bench.runtime, max(0.0, config.output_delay_s - lead))
-    reference = offline_reference(bench.runtime, signal, config, raw["box"],
-                                  analysis["alignment"]["motion_threshold"])
+    reference = offline_reference(bench.runtime, signal, config, raw["face"])
     for event, offline in zip(analysis["events"], reference):
         event["av_offset_offline_ms"] = offline
         if offline is not None and event.get("av_offset_received_ms") is not None:
             event["av_offset_pipeline_ms"] = event["av_offset_received_ms"] - offline
+            if event.get("av_transport_skew_ms") is not None:
+                event["av_offset_streaming_ms"] = event["av_offset_pipeline_ms"] - event["av_transport_skew_ms"]
     result = common.header("e2e_webrtc", args, bench)
     result["settings"] = {"words": words, "gap_s": GAP_S, "session_batch": args.session_batch,
                           "render_budget_s": args.render_budget,

@@ -402,6 +402,17 @@ def mouth_box(landmarks: np.ndarray, frame_shape: tuple[int, ...], pad: float = 
     return max(0, box[0]), max(0, box[1]), min(width, box[2]), min(height, box[3])
 
 
+def face_region(landmarks: np.ndarray, frame_shape: tuple[int, ...], pad: float = 0.25) -> tuple[int, int, int, int]:
+    """(x1, y1, x2, y2) around the face in every cached frame ([N,478,2] landmarks), padded by
+    `pad` x the face size: a crop mediapipe finds the face in (for measuring the mouth)."""
+    points = landmarks.reshape(-1, 2)
+    (x1, y1), (x2, y2) = points.min(axis=0), points.max(axis=0)
+    w, h = x2 - x1, y2 - y1
+    height, width = frame_shape[:2]
+    return (max(0, int(x1 - pad * w)), max(0, int(y1 - pad * h)),
+            min(width, int(np.ceil(x2 + pad * w))), min(height, int(np.ceil(y2 + pad * h))))
+
+
 SIGNATURE_SIZE = (48, 32)  # (w, h) of the gray mouth-region thumbnail compared between frames
 
 

@@ -143,6 +143,10 @@ def headline(report: dict) -> str:
         if pipeline.get("n"):
             add("A/V offset added by streaming + network (received - offline), median / min / max",
                 f"{_ms(pipeline['median'])} / {_ms(pipeline['min'])} / {_ms(pipeline['max'])} (n={pipeline['n']})")
+        skew, alone = e2e.get("av_transport_skew_ms") or {}, e2e.get("av_offset_streaming_ms") or {}
+        if skew.get("n") and alone.get("n"):
+            add("of which transport skew (aiortc receiver, video minus audio delay) / streaming alone, median",
+                f"{_ms(skew['median'])} / {_ms(alone['median'])}")
         add("session output delay (right context + lookahead + hop + render budget)",
             _ms(e2e["design_ms"]["output_delay_ms"]))
     stages = _get(r, "stages", "rows") or []
