@@ -3,15 +3,16 @@
 The real server (create_app, the `realtime-avatar serve` app) runs in this process with real
 AvatarSessions on the bench runtime; an aiortc client (tests/rtc_client.py) connects over
 127.0.0.1 and sends, in real time, espeak-ng words separated by silence, each onset marked by a
-click. The client keeps a mouth-region thumbnail of every received video frame and all received
-audio. From those alone it finds, per word:
+click. The client keeps the face region of every received video frame (and a mouth thumbnail,
+for diagnostics) and all received audio. From those alone it finds, per word:
 
-- mouth-onset latency: onset sent -> first received frame whose mouth differs from the avatar's
-  idle mouth by more than the codec alone does (calibrated on the frames before the first word);
+- mouth-onset latency: onset sent -> first received frame whose mouth is open (mediapipe's
+  inner-lip gap above 0.01 face heights, measured after the run, after >= 5 closed frames);
 - audio latency: onset sent -> onset heard in the returned audio;
 - A/V offset of the returned stream: mouth onset minus audio onset, by receive time; and the
   same measured on the same audio rendered offline (the content's own lead: a frame's window
-  hears 80 ms ahead), so that their difference is the offset streaming and the network add.
+  hears 80 ms ahead), so that their difference is the offset streaming and the network add,
+  split into the transport skew (video vs audio path to the client) and streaming alone.
 
 The session is instrumented (logging only), so each mouth onset is also split into where the
 time went: network in, waiting for the window's right context + lookahead + hop (and the encoder
@@ -50,7 +51,7 @@ from realtime_avatar.timing import (  # noqa: E402
 )
 
 PTS_PER_FRAME = VIDEO_CLOCK_RATE // FPS  # RTP video clock ticks per frame (3600)
-LEAD_S = 1.5  # silence before the first word: the idle frames that calibrate codec noise
+LEAD_S = 1.5  # silence before the first word: idle frames (codec-noise diagnostics, closed mouths)
 GAP_S = 1.0  # silence after each word: every mouth returns to idle before the next onset
 QUIET_FRAMES = 5  # still frames (200 ms) before a moving one for it to count as a mouth onset
 
