@@ -59,3 +59,18 @@ async def chromium_page(user_data_dir: Path, fake_audio_wav: Path) -> AsyncItera
             yield page
         finally:
             await context.close()
+
+
+def avatar_similarity(png: bytes, avatar_frame_bgr) -> float:
+    """Correlation of a screenshot of the <video> element with an avatar frame (gray, resized to
+    the frame): > 0.8 means the page shows the avatar (up to pose and codec), not a blank box."""
+    import cv2
+    import numpy as np
+
+    image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_GRAYSCALE)
+    if image is None or min(image.shape) < 100:
+        raise AssertionError(f"the screenshot is not an image of the video element ({None if image is None else image.shape})")
+    h, w = avatar_frame_bgr.shape[:2]
+    shown = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA).astype(np.float32)
+    avatar = cv2.cvtColor(avatar_frame_bgr, cv2.COLOR_BGR2GRAY).astype(np.float32)
+    return float(np.corrcoef(shown.ravel(), avatar.ravel())[0, 1])

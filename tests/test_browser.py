@@ -13,7 +13,7 @@ import pytest
 
 from realtime_avatar.server import SERVER_KEY, create_app
 from realtime_avatar.session import AvatarSession, SessionConfig
-from tests.browser import CHROMIUM, chromium_page
+from tests.browser import CHROMIUM, avatar_similarity, chromium_page
 from tests.rtc_client import serving
 from tests.speech import espeak_wav
 
@@ -74,10 +74,7 @@ def test_page_streams_mic_to_the_server_and_shows_the_avatar(runtime, tmp_path):
     assert image.shape[0] > 100 and image.shape[1] > 100
     assert image.std() > 10, f"the video element looks blank (pixel std {image.std():.1f})"
     # and it is the avatar: the screenshot matches the avatar's frame (up to pose and codec)
-    h, w = runtime.avatar.frame_shape[:2]
-    shown = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA).astype(np.float32)
-    avatar = cv2.cvtColor(runtime.renderer.idle_frame(0), cv2.COLOR_BGR2GRAY).astype(np.float32)
-    similarity = np.corrcoef(shown.ravel(), avatar.ravel())[0, 1]
+    similarity = avatar_similarity(png, runtime.renderer.idle_frame(0))
     print(f"screenshot {image.shape[1]}x{image.shape[0]}, correlation with the avatar {similarity:.3f}")
     assert similarity > 0.8
 

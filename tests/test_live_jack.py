@@ -8,6 +8,9 @@ streaming Whisper -> renderer -> 25 fps clock -> MP4 recorder.
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import time
 
 import av
@@ -94,40 +97,38 @@ def test_live_microphone_with_the_page_preview_streams_to_a_viewer(jackd, runtim
     assert rec.video_size == tuple(runtime.avatar.frame_shape[1::-1])
 
 
-def test_live_microphone_with_a_window_preview(jackd, runtime, tmp_path, x_display):
-    """With a display (Xvfb here): `live --mic --preview window` shows every played frame."""
+def test_live_microphone_with_a_window_preview(jackd, tmp_path, x_display):
+    """With a display (Xvfb here): `realtime-avatar live --mic --preview window` shows every
+    played frame. Run as the CLI in a child process: Tk keeps its X connection until the process
+    exits, and Xlib ends the process when that X server goes away (as this test's Xvfb does)."""
     pytest.importorskip("tkinter")
     reinitialize_portaudio()
     device = jack_device_index()
     speech, _ = read_wav(espeak_wav("A window shows the avatar.", tmp_path / "s.wav", rate=jackd.rate))
-    config = SessionConfig(streaming=runtime.streaming, batch_size=4)
     assert choose_preview("auto") == "window"
-
-    async def scenario(player):
-        parts, seen = {}, []
-
-        async def look():  # what is on screen, while the session runs
-            while "window" not in parts:
-                await asyncio.sleep(0.05)
-            window = parts["window"]
-            player.route()
-            for _ in range(int(player.seconds / 0.5)):
-                await asyncio.sleep(0.5)
-                if window.last_shown is not None:
-                    y, x = (s // 2 for s in window.last_shown.shape[:2])
-                    b, g, r = window.last_shown[y, x]
-                    seen.append(tuple(window.photo.get(int(x), int(y))) == (r, g, b))
-
-        looking = asyncio.create_task(look())
-        stats = await run_live(runtime, config, device, seconds=player.seconds + 1.0, report_every=0.2,
-                               preview="window", started=parts.update)
-        await looking
-        return stats, seen
-
     with SpeechIntoMicrophone(jackd, device, speech) as player:
-        stats, seen = asyncio.run(scenario(player))
+        ours_in = lambda: [p for p in jackd.ports("input") if not p.startswith("system:")]  # noqa: E731
+        before = set(ours_in())
+        child = subprocess.Popen(
+            [sys.executable, "-m", "realtime_avatar.cli", "live", "--mic", "--device", str(device),
+             "--preview", "window", "--seconds", f"{player.seconds + 4.0:.1f}"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not set(ours_in()) - before:  # the child's microphone port exists: route into it
+                assert child.poll() is None, child.stderr.read()
+                assert time.monotonic() < deadline, "the live command never opened the microphone"
+                time.sleep(0.1)
+            player.route()
+            out, err = child.communicate(timeout=120)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    assert child.returncode == 0, err[-3000:]
+    stats = json.loads(out)
     print(f"window showed {stats['preview_frames_shown']} of {stats['frames_sent']} ticks; {stats}")
-    assert seen and all(seen)
-    assert stats["rendered_frames"] > 10
+    assert stats["rendered_frames"] > 10  # the speech reached the model through the microphone
     # the window is pumped every 20 ms, faster than the 40 ms ticks: it misses almost none
     assert stats["preview_frames_shown"] >= 0.9 * stats["frames_sent"]
