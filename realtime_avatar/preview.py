@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from pathlib import Path
 
 import numpy as np
 from aiohttp import web
@@ -25,6 +24,7 @@ from aiortc.contrib.media import MediaRelay
 from aiortc.sdp import SessionDescription
 
 from .server import (
+    WEB_ROOT,
     OfferError,
     PtimeAudioTrack,
     error_response,
@@ -35,7 +35,6 @@ from .server import (
 
 log = logging.getLogger(__name__)
 
-WEB_ROOT = Path(__file__).parent / "web"
 PUMP_INTERVAL_S = 0.02  # the window redraws at most every 20 ms: above the 25 fps it shows
 
 
@@ -72,7 +71,6 @@ class WindowPreview:
         self._label.pack()
         self.photo: tkinter.PhotoImage | None = None
         self._latest: np.ndarray | None = None
-        self.last_shown: np.ndarray | None = None  # the image on screen now
         self.frames_shown = 0
         self.closed = False
 
@@ -92,7 +90,6 @@ class WindowPreview:
                 self._label.configure(image=self.photo)
             else:
                 self.photo.configure(data=data, format="PPM")
-            self.last_shown = image
             self.frames_shown += 1
         self.root.update()
 
@@ -143,10 +140,8 @@ class PagePreview:
         include_loopback_candidates()
         self._runner = web.AppRunner(self.app)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        if self.port == 0:  # an ephemeral port was asked for: report the one we got
-            self.port = site._server.sockets[0].getsockname()[1]
+        await web.TCPSite(self._runner, self.host, self.port).start()
+        self.port = self._runner.addresses[0][1]  # the one we got, if port 0 asked for any
         return self.url
 
     async def handle_index(self, request: web.Request) -> web.StreamResponse:

@@ -164,11 +164,13 @@ class SpeechIntoMicrophone:
     def seconds(self) -> float:
         return len(self.speech) / self.jackd.rate
 
+    def client_ports(self, direction: str) -> list[str]:
+        """Ports of the PortAudio clients (ours and the microphone's), not the dummy card's."""
+        return [p for p in self.jackd.ports(direction) if not p.startswith("system:")]
+
     def route(self) -> None:
         """Connect our output to the (first non-system) input port and restart the sentence."""
-        ours_in = [p for p in self.jackd.ports("input") if not p.startswith("system:")]
-        ours_out = [p for p in self.jackd.ports("output") if not p.startswith("system:")]
-        self.jackd.connect(ours_out[0], ours_in[0])
+        self.jackd.connect(self.client_ports("output")[0], self.client_ports("input")[0])
         with self._lock:
             self.position = 0
 

@@ -291,14 +291,19 @@ async def serving(app: web.Application) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
-def voiced_span(samples: np.ndarray, rate: int, relative_threshold: float = 0.1) -> tuple[float, float]:
-    """(start, end) in seconds of the part of a clip louder than `relative_threshold` x its
-    loudest 10 ms block: where speech begins and ends, whatever pauses lie inside."""
+def block_rms(samples: np.ndarray, rate: int) -> np.ndarray:
+    """RMS of each whole 10 ms block of a clip."""
     block = max(1, rate // 100)
     n = len(samples) // block
     if n == 0:
-        raise ValueError("voiced_span: clip shorter than 10 ms")
-    rms = np.sqrt(np.mean(samples[: n * block].reshape(n, block) ** 2, axis=1))
+        raise ValueError("clip shorter than 10 ms")
+    return np.sqrt(np.mean(samples[: n * block].reshape(n, block) ** 2, axis=1))
+
+
+def voiced_span(samples: np.ndarray, rate: int, relative_threshold: float = 0.1) -> tuple[float, float]:
+    """(start, end) in seconds of the part of a clip louder than `relative_threshold` x its
+    loudest 10 ms block: where speech begins and ends, whatever pauses lie inside."""
+    rms, block = block_rms(samples, rate), max(1, rate // 100)
     loud = np.flatnonzero(rms > relative_threshold * rms.max())
     if rms.max() == 0 or len(loud) == 0:
         raise ValueError("voiced_span: the clip is silent")
@@ -309,11 +314,7 @@ def voiced_seconds(samples: np.ndarray, rate: int, relative_threshold: float = 0
     """Total seconds of 10 ms blocks louder than `relative_threshold` x the loudest block.
     Unlike `voiced_span`, a silent gap that a stalled real-time link inserts adds nothing,
     while a stretched or truncated clip still changes it in proportion."""
-    block = max(1, rate // 100)
-    n = len(samples) // block
-    if n == 0:
-        raise ValueError("voiced_seconds: clip shorter than 10 ms")
-    rms = np.sqrt(np.mean(samples[: n * block].reshape(n, block) ** 2, axis=1))
+    rms, block = block_rms(samples, rate), max(1, rate // 100)
     if rms.max() == 0:
         raise ValueError("voiced_seconds: the clip is silent")
     return float(np.count_nonzero(rms > relative_threshold * rms.max()) * block / rate)

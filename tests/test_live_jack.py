@@ -107,8 +107,7 @@ def test_live_microphone_with_a_window_preview(jackd, tmp_path, x_display):
     speech, _ = read_wav(espeak_wav("A window shows the avatar.", tmp_path / "s.wav", rate=jackd.rate))
     assert choose_preview("auto") == "window"
     with SpeechIntoMicrophone(jackd, device, speech) as player:
-        ours_in = lambda: [p for p in jackd.ports("input") if not p.startswith("system:")]  # noqa: E731
-        before = set(ours_in())
+        before = set(player.client_ports("input"))
         child = subprocess.Popen(
             [sys.executable, "-m", "realtime_avatar.cli", "live", "--mic", "--device", str(device),
              "--preview", "window", "--seconds", f"{player.seconds + 4.0:.1f}"],
@@ -116,7 +115,7 @@ def test_live_microphone_with_a_window_preview(jackd, tmp_path, x_display):
         )
         try:
             deadline = time.monotonic() + 60
-            while not set(ours_in()) - before:  # the child's microphone port exists: route into it
+            while not set(player.client_ports("input")) - before:  # the child's microphone port exists: route into it
                 assert child.poll() is None, child.stderr.read()
                 assert time.monotonic() < deadline, "the live command never opened the microphone"
                 time.sleep(0.1)
