@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-step setup for a fresh Debian machine (run as root or with sudo rights for apt):
 #   ./setup.sh          system packages + .venv with the CPU runtime
-#   ./setup.sh --dev    the same plus the test tools (pytest, chromium for browser tests)
+#   ./setup.sh --dev    the same plus the test tools (pytest; chromium and xvfb for browser and window tests)
 # Safe to re-run: each step is skipped when already done. Downloads only from the package
 # registries (Debian, PyPI); no model weights are fetched from any hub.
 set -euo pipefail
