@@ -389,7 +389,7 @@ def test_image_without_a_face(tmp_path):
 
 def test_face_too_small(tmp_path, astronaut_bgr):
     small = cv2.resize(astronaut_bgr, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
-    with pytest.raises(FaceTooSmallError, match=r"frame 0 is \d+x\d+ px, smaller than 64 px"):
+    with pytest.raises(FaceTooSmallError, match=r"frame 0: face is \d+ px, at least 64 px needed: use a closer crop"):
         prepare_avatar(_write_png(tmp_path / "small.png", small), tmp_path / "a", AvgPoolModel(), FAST)
 
 
@@ -400,7 +400,7 @@ def test_two_faces_use_the_largest_and_warn(tmp_path, astronaut_bgr):
     canvas[:, :320] = big
     canvas[: small.shape[0], 320:] = small
     source = _write_png(tmp_path / "two.png", canvas)
-    with pytest.warns(MultipleFacesWarning, match="largest face is used"):
+    with pytest.warns(MultipleFacesWarning, match="2 faces in the first frame; following face 0 .*largest face is used"):
         av_ = prepare_avatar(source, tmp_path / "a", AvgPoolModel(), FAST, progress=False)
     assert (av_.landmarks[:, :, 0].max(axis=1) < 320).all()  # every frame uses the big face
 
