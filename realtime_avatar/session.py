@@ -45,6 +45,7 @@ from .timing import (
     num_features,
     window_first_feature,
 )
+from .video_encoding import pad_to_even
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +287,8 @@ class AvatarSession:
             self.ticks = n = n + 1
 
     def _emit(self, n: int, image: np.ndarray, audio: np.ndarray) -> None:
-        video = av.VideoFrame.from_ndarray(image, format="bgr24")
+        # Odd sizes padded to even: aiortc's H.264 encoder (libx264, 4:2:0) refuses odd ones.
+        video = av.VideoFrame.from_ndarray(pad_to_even(image), format="bgr24")
         video.pts = n * (VIDEO_CLOCK_RATE // FPS)
         video.time_base = VIDEO_TIME_BASE
         pcm = np.clip(audio * 32768.0, -32768, 32767).astype(np.int16)
