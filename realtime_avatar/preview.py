@@ -28,6 +28,8 @@ from .server import (
     OfferError,
     PtimeAudioTrack,
     error_response,
+    ice_addresses_for_host,
+    ice_gathering_on,
     include_loopback_candidates,
     json_response,
     parse_offer_sdp,
@@ -177,7 +179,8 @@ class PagePreview:
             if "audio" in kinds:
                 pc.addTrack(PtimeAudioTrack(self._relay.subscribe(self.session.audio_track, buffered=False)))
             pc.addTrack(self._relay.subscribe(self.session.video_track, buffered=False))
-            await pc.setLocalDescription(await pc.createAnswer())
+            with ice_gathering_on(ice_addresses_for_host(self.host)):  # media where the page is bound
+                await pc.setLocalDescription(await pc.createAnswer())
         except Exception as exc:
             await self._drop(pc)
             raise OfferError(400, f"offer rejected by the peer connection: {exc}") from exc

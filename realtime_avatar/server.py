@@ -16,15 +16,19 @@ relay task, closes the peer connection, awaits `session.close()` and drops the r
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import fractions
 import hmac
+import ipaddress
 import json
 import logging
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable, Protocol
+from typing import Awaitable, Callable, Iterator, Protocol, Sequence
 
 import aioice.ice
 import av
@@ -82,12 +86,69 @@ class OfferError(Exception):
 
 _aioice_host_addresses = aioice.ice.get_host_addresses
 
+# The local addresses ICE may gather on, for the negotiation running in this context; None: all.
+# A context variable, not a global: asyncio tasks copy the context they are created in, and
+# aiortc creates its gathering tasks inside setLocalDescription, so each server's (and each
+# test's) negotiation sees its own binding while other peers in the process keep theirs.
+_ICE_ADDRESSES: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
+    "ice_addresses", default=None
+)
+_loopback_candidates = False  # set by include_loopback_candidates()
+
 
 def _host_addresses_with_loopback(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+    allowed = _ICE_ADDRESSES.get()
+    if allowed is not None:
+        # aioice binds one UDP socket per address it is given (local_addr=(address, 0)), so
+        # this list decides where the media sockets listen, not only what the SDP says.
+        return [a for a in allowed if (use_ipv6 if ":" in a else use_ipv4)]
     addresses = _aioice_host_addresses(use_ipv4=use_ipv4, use_ipv6=use_ipv6)
-    if use_ipv4 and LOOPBACK_V4 not in addresses:
+    if _loopback_candidates and use_ipv4 and LOOPBACK_V4 not in addresses:
         addresses.append(LOOPBACK_V4)
     return addresses
+
+
+def ice_addresses_for_host(host: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """The local addresses ICE candidates (and their UDP sockets) belong on when the HTTP server
+    binds `host`, as aiohttp reads it: None, '' or '::' is every interface (None returned: no
+    restriction); '0.0.0.0' every IPv4 address of the machine plus 127.0.0.1; an address
+    itself; a name (e.g. 'localhost') what it resolves to. A sequence combines its entries.
+    """
+    if host is None:
+        return None
+    hosts = [host] if isinstance(host, str) else list(host)
+    addresses: list[str] = []
+    for h in hosts:
+        if h in ("", "::"):
+            return None
+        if h == "0.0.0.0":
+            addresses += _aioice_host_addresses(use_ipv4=True, use_ipv6=False) + [LOOPBACK_V4]
+            continue
+        try:
+            addresses.append(str(ipaddress.ip_address(h)))
+        except ValueError:
+            infos = socket.getaddrinfo(h, None, type=socket.SOCK_DGRAM)
+            addresses += [str(info[4][0]) for info in infos]
+    return tuple(dict.fromkeys(addresses))  # unique, in order
+
+
+@contextlib.contextmanager
+def ice_gathering_on(addresses: Sequence[str] | None) -> Iterator[None]:
+    """Within this block (and the tasks it starts), aioice gathers host candidates, and binds
+    their sockets, only on `addresses` (None: the default, every interface). Needs the aioice
+    hook that create_app installs (install_ice_address_hook)."""
+    install_ice_address_hook()
+    token = _ICE_ADDRESSES.set(tuple(addresses) if addresses is not None else None)
+    try:
+        yield
+    finally:
+        _ICE_ADDRESSES.reset(token)
+
+
+def install_ice_address_hook() -> None:
+    """Route aioice's host-address lookup through this module (idempotent, process-wide; with
+    no binding in effect and loopback candidates off it returns what aioice would)."""
+    aioice.ice.get_host_addresses = _host_addresses_with_loopback
 
 
 def include_loopback_candidates() -> None:
@@ -100,7 +161,9 @@ def include_loopback_candidates() -> None:
     aiortc clients in the same process). A remote browser ignores a loopback candidate (Chrome
     uses one only with --allow-loopback-in-peer-connection), so this costs one unused socket.
     """
-    aioice.ice.get_host_addresses = _host_addresses_with_loopback
+    global _loopback_candidates
+    _loopback_candidates = True
+    install_ice_address_hook()
 
 
 # --- audio framing ---------------------------------------------------------------------------
@@ -461,6 +524,7 @@ class AvatarServer:
         token: str | None,
         media_timeout_s: float,
         connect_timeout_s: float,
+        ice_addresses: Sequence[str] | None = None,
     ):
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be at least 1, got {max_sessions}")
@@ -469,6 +533,7 @@ class AvatarServer:
         self.token = token
         self.media_timeout_s = media_timeout_s
         self.connect_timeout_s = connect_timeout_s
+        self.ice_addresses = tuple(ice_addresses) if ice_addresses is not None else None
         self.peers: dict[str, PeerSession] = {}
         self.sessions_total = 0
         self.rejected: dict[str, int] = {}
@@ -534,7 +599,8 @@ class AvatarServer:
             # addTrack reuses the offer's transceivers: audio becomes sendrecv, video sendonly.
             pc.addTrack(PtimeAudioTrack(session.audio_track))
             pc.addTrack(session.video_track)
-            await pc.setLocalDescription(await pc.createAnswer())  # gathers ICE to completion
+            with ice_gathering_on(self.ice_addresses):  # media only where HTTP is bound
+                await pc.setLocalDescription(await pc.createAnswer())  # gathers ICE to completion
         except BaseException:
             await peer.close("negotiation failed")
             raise
@@ -684,12 +750,17 @@ def create_app(
     media_timeout_s: float = DEFAULT_MEDIA_TIMEOUT_S,
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
     loopback_candidates: bool = True,
+    host: str | Sequence[str] | None = None,
 ) -> web.Application:
     """The aiohttp app: page, signalling (/offer, /whip), /health, /metrics, per-session stats.
 
     token: when set, every route but the page, its static files and /health needs
     `Authorization: Bearer <token>`. loopback_candidates: see include_loopback_candidates.
+    host: the address the HTTP server binds (as given to TCPSite); the answers' ICE candidates
+    and the media sockets behind them are limited to it (see ice_addresses_for_host), so
+    `--host 127.0.0.1` keeps media on this machine too. None: every interface.
     """
+    install_ice_address_hook()
     if loopback_candidates:
         include_loopback_candidates()
     server = AvatarServer(
@@ -698,6 +769,7 @@ def create_app(
         token=token,
         media_timeout_s=media_timeout_s,
         connect_timeout_s=connect_timeout_s,
+        ice_addresses=ice_addresses_for_host(host),
     )
     app = web.Application(client_max_size=MAX_SDP_BYTES * 2)
     app[SERVER_KEY] = server
@@ -729,7 +801,7 @@ async def run_server(
     started: asyncio.Event | None = None,
 ) -> None:
     """Serve until cancelled; on cancellation every session is closed before returning."""
-    app = create_app(session_factory, max_sessions=max_sessions, token=token)
+    app = create_app(session_factory, max_sessions=max_sessions, token=token, host=host)
     runner = web.AppRunner(app)
     await runner.setup()
     try:

@@ -10,6 +10,7 @@ import asyncio
 import fractions
 import gc
 import io
+import ipaddress
 import json
 import os
 import re
@@ -470,6 +471,91 @@ def test_loopback_only_host_answer_has_a_127_0_0_1_candidate_and_connects(speech
     assert results[False]["candidates"] == []  # what DESIGN.md warns about
     assert results[True]["candidates"] and all(" 127.0.0.1 " in c for c in results[True]["candidates"])
     assert results[True]["frames"] > 0
+
+
+def _process_udp_sockets() -> dict[int, tuple[str, int]]:
+    """inode -> (local address, port) of every UDP socket this process holds (IPv4 and IPv6)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    found = {}
+    for table, v6 in (("/proc/net/udp", False), ("/proc/net/udp6", True)):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            inode = int(fields[9])
+            if inode not in inodes:
+                continue
+            hex_addr, hex_port = fields[1].split(":")
+            raw = bytes.fromhex(hex_addr)
+            if v6:
+                addr = str(ipaddress.IPv6Address(b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))))
+            else:
+                addr = str(ipaddress.IPv4Address(raw[::-1]))
+            found[inode] = (addr, int(hex_port, 16))
+    return found
+
+
+def _candidate_addresses(sdp: str) -> list[tuple[str, int]]:
+    # a=candidate:<foundation> <component> <transport> <priority> <address> <port> typ <type>
+    return [(f[4], int(f[5])) for f in (l.split() for l in sdp.splitlines() if l.startswith("a=candidate:"))]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+def test_media_is_bound_only_where_the_server_is(speech_wav, host):
+    """`serve --host 127.0.0.1` means this machine only: the answer's ICE candidates, and the
+    UDP sockets behind them, are on 127.0.0.1 alone (before: on every interface). 0.0.0.0 gets
+    the machine's IPv4 addresses and 127.0.0.1."""
+    import aioice.ice
+
+    machine = set(aioice.ice.get_host_addresses(use_ipv4=True, use_ipv6=False)) - {"127.0.0.1"}
+    expected = {"127.0.0.1"} if host == "127.0.0.1" else machine | {"127.0.0.1"}
+
+    async def scenario():
+        app = create_app(loopback_factory, host=host)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, host, 0)
+            await site.start()
+            port = runner.addresses[0][1]
+            async with http_client() as http:
+                client = RtcClient(f"http://127.0.0.1:{port}", WavMicrophoneTrack(speech_wav))
+                before = _process_udp_sockets()
+                await client.connect(http)
+                after = _process_udp_sockets()
+                await asyncio.wait_for(client.first_video.wait(), 10)  # and media flows
+                offer_ports = {p for _, p in _candidate_addresses(client.pc.localDescription.sdp)}
+                await client.close(http)
+            return client.answer_sdp, before, after, offer_ports
+        finally:
+            await runner.cleanup()
+
+    answer, before, after, client_ports = asyncio.run(scenario())
+    candidates = _candidate_addresses(answer)
+    assert candidates and {a for a, _ in candidates} == expected, candidates
+    server_sockets = [v for k, v in after.items() if k not in before and v[1] not in client_ports]
+    assert sorted(server_sockets) == sorted(set(candidates))  # no socket beyond the candidates (bundled)
+    if host == "127.0.0.1":
+        assert all(addr == "127.0.0.1" for addr, _ in server_sockets)
+
+
+def test_ice_addresses_for_host():
+    from realtime_avatar.server import ice_addresses_for_host
+
+    assert ice_addresses_for_host("127.0.0.1") == ("127.0.0.1",)
+    assert ice_addresses_for_host(None) is None and ice_addresses_for_host("::") is None
+    assert "127.0.0.1" in ice_addresses_for_host("0.0.0.0")
+    assert "127.0.0.1" in ice_addresses_for_host("localhost")
+    assert ice_addresses_for_host(["127.0.0.1", "::1"]) == ("127.0.0.1", "::1")
 
 
 def test_fifty_connect_disconnect_cycles_leave_nothing_behind(speech_wav):
