@@ -313,41 +313,99 @@ class MetricsSnapshot:
 
 
 _METRIC_PREFIX = "realtime_avatar"
+# Prometheus histogram buckets, seconds. Latency: audio arrival -> frame on the wire inside the
+# session; ~180-400 ms is the design range (DESIGN.md 4), so the buckets are dense there.
+LATENCY_BUCKETS_S = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0)
+# Render: one batched render call (model + blend); a frame lasts 40 ms, a batch of 4-8 frames
+# must finish in 160-320 ms, and a GPU does it in a few ms.
+RENDER_BUCKETS_S = (0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12)
+
+
+class _SnapshotCollector:
+    """Counters and gauges read from the server's state at each scrape (prometheus_client's
+    custom-collector protocol), so that a closed session's frames still count."""
+
+    def __init__(self, snapshot: Callable[[], MetricsSnapshot]):
+        self._snapshot = snapshot
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        snap = self._snapshot()
+        per = snap.per_session
+
+        def stat(stats: dict, key: str, scale: float = 1.0) -> float:
+            value = stats.get(key)
+            return float(value) * scale if isinstance(value, (int, float, np.number)) else 0.0
+
+        def name(short: str) -> str:
+            return f"{_METRIC_PREFIX}_{short}"
+
+        yield GaugeMetricFamily(name("sessions_active"), "Avatar sessions streaming now.",
+                                value=snap.sessions_active)
+        yield CounterMetricFamily(name("sessions"), "Avatar sessions started since the server started.",
+                                  value=snap.sessions_total)
+        rejected = CounterMetricFamily(name("sessions_rejected"), "Offers refused, by reason.", labels=["reason"])
+        for reason, n in sorted(snap.sessions_rejected.items()):
+            rejected.add_metric([reason], n)
+        yield rejected
+        yield CounterMetricFamily(
+            name("frames_sent"), "Video frames sent, all sessions.",
+            value=snap.frames_sent_closed + sum(stat(s, "frames_sent") for s in per.values()))
+        yield CounterMetricFamily(
+            name("late_frames"), "Video frames sent after their due time, all sessions.",
+            value=snap.late_frames_closed + sum(stat(s, "late_frames") for s in per.values()))
+        for short, help_text, key, scale in (
+            ("fps", "Video frames per second sent, per session.", "fps", 1.0),
+            ("session_latency_seconds", "Audio-in to frame-out latency, median over the last 10 s, per "
+             "session (the histogram realtime_avatar_latency_seconds has every frame).", "latency_ms", 1e-3),
+            ("av_offset_seconds", "Video minus audio presentation offset, per session.", "av_offset_ms", 1e-3),
+        ):
+            family = GaugeMetricFamily(name(short), help_text, labels=["session"])
+            for sid, stats in sorted(per.items()):
+                family.add_metric([sid], stat(stats, key, scale))
+            yield family
+
+
+class ServerMetrics:
+    """The /metrics of one server, in a CollectorRegistry of its own (several servers in one
+    process, as in tests, never share or clash). Sessions report into it through
+    `observe_latency` and `observe_render` (the session's `metrics_sink`)."""
+
+    def __init__(self, snapshot: Callable[[], MetricsSnapshot]):
+        from prometheus_client import CollectorRegistry, Histogram
+
+        self.registry = CollectorRegistry()
+        self.registry.register(_SnapshotCollector(snapshot))
+        self.latency = Histogram(
+            f"{_METRIC_PREFIX}_latency_seconds", "Audio arrival to its video frame on the wire, inside "
+            "the session (network not included), per frame.", buckets=LATENCY_BUCKETS_S, registry=self.registry)
+        self.render = Histogram(
+            f"{_METRIC_PREFIX}_render_seconds", "Wall time of one batched render call (model and blend).",
+            buckets=RENDER_BUCKETS_S, registry=self.registry)
+
+    def observe_latency(self, seconds: float) -> None:
+        self.latency.observe(seconds)
+
+    def observe_render(self, frames: int, seconds: float) -> None:
+        self.render.observe(seconds)
+
+    def exposition(self, accept: str = "") -> tuple[bytes, str]:
+        """(body, Content-Type) for a scrape with this Accept header: OpenMetrics when the
+        scraper asks for it (Prometheus does), else the classic text format 0.0.4."""
+        from prometheus_client.exposition import choose_encoder
+
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
 
 
 def render_metrics(snapshot: MetricsSnapshot) -> str:
-    """Prometheus text exposition (version 0.0.4) of a MetricsSnapshot."""
-    lines: list[str] = []
+    """Prometheus text exposition (version 0.0.4) of a MetricsSnapshot (counters and gauges)."""
+    from prometheus_client import CollectorRegistry, generate_latest
 
-    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
-        full = f"{_METRIC_PREFIX}_{name}"
-        lines.append(f"# HELP {full} {help_text}")
-        lines.append(f"# TYPE {full} {kind}")
-        for labels, value in samples:
-            lines.append(f"{full}{labels} {float(value):.6g}")
-
-    def stat(stats: dict, key: str) -> float:
-        value = stats.get(key)
-        return float(value) if isinstance(value, (int, float, np.number)) else 0.0
-
-    per = snapshot.per_session
-    metric("sessions_active", "gauge", "Avatar sessions streaming now.",
-           [("", snapshot.sessions_active)])
-    metric("sessions_total", "counter", "Avatar sessions started since the server started.",
-           [("", snapshot.sessions_total)])
-    metric("sessions_rejected_total", "counter", "Offers refused, by reason.",
-           [(f'{{reason="{reason}"}}', n) for reason, n in sorted(snapshot.sessions_rejected.items())])
-    metric("frames_sent_total", "counter", "Video frames sent, all sessions.",
-           [("", snapshot.frames_sent_closed + sum(stat(s, "frames_sent") for s in per.values()))])
-    metric("late_frames_total", "counter", "Video frames sent after their due time, all sessions.",
-           [("", snapshot.late_frames_closed + sum(stat(s, "late_frames") for s in per.values()))])
-    metric("fps", "gauge", "Video frames per second sent, per session.",
-           [(f'{{session="{sid}"}}', stat(s, "fps")) for sid, s in sorted(per.items())])
-    metric("latency_ms", "gauge", "Audio-in to frame-out latency estimate, per session.",
-           [(f'{{session="{sid}"}}', stat(s, "latency_ms")) for sid, s in sorted(per.items())])
-    metric("av_offset_ms", "gauge", "Video minus audio presentation offset, per session.",
-           [(f'{{session="{sid}"}}', stat(s, "av_offset_ms")) for sid, s in sorted(per.items())])
-    return "\n".join(lines) + "\n"
+    registry = CollectorRegistry()
+    registry.register(_SnapshotCollector(lambda: snapshot))
+    return generate_latest(registry).decode()
 
 
 def _json_default(value: object) -> object:
@@ -540,6 +598,7 @@ class AvatarServer:
         self._negotiating = 0  # slots held by offers still being answered
         self._frames_sent_closed = 0
         self._late_frames_closed = 0
+        self.prometheus = ServerMetrics(self.metrics)
 
     # registry
 
@@ -581,6 +640,8 @@ class AvatarServer:
         except Exception as exc:
             log.exception("session_factory failed")
             raise OfferError(500, f"could not create an avatar session: {exc!r}") from exc
+        if hasattr(session, "metrics_sink"):  # latency and render-time histograms of /metrics
+            session.metrics_sink = self.prometheus
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # no STUN: host candidates only
         peer = PeerSession(
             uuid.uuid4().hex,
@@ -732,10 +793,9 @@ class AvatarServer:
     async def handle_metrics(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
             return self._unauthorized()
+        body, content_type = self.prometheus.exposition(request.headers.get("Accept", ""))
         return web.Response(
-            text=render_metrics(self.metrics()),
-            content_type="text/plain",
-            headers={"X-Content-Type-Options": "nosniff"},
+            body=body, headers={"Content-Type": content_type, "X-Content-Type-Options": "nosniff"}
         )
 
 

@@ -144,6 +144,9 @@ class AvatarSession:
         self._latencies: deque[float] = deque(maxlen=FPS * 10)
         self._tick_times: deque[float] = deque(maxlen=FPS * 2)
         self.on_tick = None  # optional callback(tick, input_frame | None, image, audio), e.g. a recorder
+        # optional: observe_latency(seconds) per frame, observe_render(frames, seconds) per render
+        # call; the server's /metrics histograms (server.ServerMetrics)
+        self.metrics_sink = None
 
     # -- input ----------------------------------------------------------------------------------
 
@@ -242,7 +245,10 @@ class AvatarSession:
                 continue
             poses = [(fa.index + self._tick_offset) % cycle for fa in speech]
             windows = np.stack([fa.window for fa in speech])
+            started = time.perf_counter()
             images = await asyncio.to_thread(self.renderer.render, poses, windows)
+            if self.metrics_sink is not None:
+                self.metrics_sink.observe_render(len(poses), time.perf_counter() - started)
             for fa, image in zip(speech, images):
                 if fa.index >= self.scheduler.next_frame:
                     self._rendered[fa.index] = image
@@ -281,6 +287,8 @@ class AvatarSession:
             self._emit(n, image, audio)
             if arrival is not None:
                 self._latencies.append(now - arrival)
+                if self.metrics_sink is not None:
+                    self.metrics_sink.observe_latency(now - arrival)
             if self.on_tick is not None:
                 self.on_tick(n, frame, image, audio)
             self._tick_times.append(now)

@@ -144,22 +144,61 @@ def test_render_metrics_is_prometheus_text_and_counters_include_closed_sessions(
             },
         )
     )
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(text)}  # the official parser
+    assert families["realtime_avatar_frames_sent"].type == "counter"
+    assert families["realtime_avatar_sessions_active"].type == "gauge"
     samples = {}
-    for line in text.splitlines():
-        if line.startswith("#"):
-            assert re.fullmatch(r"# (HELP|TYPE) realtime_avatar_\w+ .+", line), line
-            continue
-        name, value = line.rsplit(" ", 1)
-        samples[name] = float(value)
+    for family in families.values():
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
     assert samples["realtime_avatar_sessions_active"] == 2
     assert samples["realtime_avatar_sessions_total"] == 7
     assert samples['realtime_avatar_sessions_rejected_total{reason="capacity"}'] == 3
     assert samples["realtime_avatar_frames_sent_total"] == 1060
     assert samples["realtime_avatar_late_frames_total"] == 5
     assert samples['realtime_avatar_fps{session="b"}'] == pytest.approx(24.5)
-    assert samples['realtime_avatar_latency_ms{session="a"}'] == pytest.approx(180.5)
-    assert samples['realtime_avatar_latency_ms{session="b"}'] == 0  # missing stat reads 0
+    assert samples['realtime_avatar_session_latency_seconds{session="a"}'] == pytest.approx(0.1805)
+    assert samples['realtime_avatar_session_latency_seconds{session="b"}'] == 0  # missing stat reads 0
+    assert samples['realtime_avatar_av_offset_seconds{session="a"}'] == pytest.approx(0.003)
     assert "# TYPE realtime_avatar_frames_sent_total counter" in text
+
+
+def first_get(http, url: str, accept: str):
+    return http.get(f"{url}/metrics", headers={"Accept": accept})
+
+
+def test_metrics_registries_are_per_app_and_histograms_use_seconds():
+    # Two servers in one process: each has its own registry (a global one would refuse the
+    # second app's metric names, or mix their counts).
+    async def scenario():
+        first, second = create_app(loopback_factory), create_app(loopback_factory)
+        first[SERVER_KEY].prometheus.observe_latency(0.22)
+        first[SERVER_KEY].prometheus.observe_render(4, 0.03)
+        async with serving(first) as url_a, serving(second) as url_b, http_client() as http:
+            texts = []
+            for url in (url_a, url_b):
+                async with http.get(f"{url}/metrics") as response:
+                    assert response.status == 200
+                    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+                    texts.append(await response.text())
+            async with first_get(http, url_a, "application/openmetrics-text; version=1.0.0") as response:
+                assert response.headers["Content-Type"].startswith("application/openmetrics-text")
+                assert (await response.text()).rstrip().endswith("# EOF")
+            return texts
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    a, b = asyncio.run(scenario())
+    hist = {s.name + str(sorted(s.labels.items())): s.value
+            for f in text_string_to_metric_families(a) if f.type == "histogram" for s in f.samples}
+    assert hist["realtime_avatar_latency_seconds_count[]"] == 1
+    assert hist["realtime_avatar_latency_seconds_bucket[('le', '0.25')]"] == 1
+    assert hist["realtime_avatar_latency_seconds_bucket[('le', '0.2')]"] == 0
+    assert hist["realtime_avatar_render_seconds_bucket[('le', '0.04')]"] == 1
+    assert "realtime_avatar_latency_seconds_count 0.0" in b  # the other server saw nothing
 
 
 def test_audio_in_stats_reads_levels_of_packed_stereo_s16(speech_wav):
@@ -376,6 +415,9 @@ def test_real_session_round_trip_rate_audio_and_lips(runtime, speech_wav):
     assert stats["audio_in"]["peak"] > 0.1  # the server heard the speech, not silence
     assert stats["connection_state"] == "connected"
     assert "realtime_avatar_frames_sent_total" in metrics
+    counts = dict(re.findall(r"^(realtime_avatar_(?:latency|render)_seconds_count) (\S+)$", metrics, re.M))
+    assert float(counts["realtime_avatar_latency_seconds_count"]) > 0  # the real session reports
+    assert float(counts["realtime_avatar_render_seconds_count"]) > 0
 
     # audio: what the session put on the wire comes back whole. Under CPU pressure the
     # session may idle a tick inside speech (input late: +40 ms of silence), skip input frames
