@@ -332,6 +332,17 @@ def _mesh_in_crop(rgb: np.ndarray, box: BBox, factor: float = CROP_FACTOR) -> li
     return faces
 
 
+def _mesh_whole(rgb: np.ndarray) -> list[np.ndarray]:
+    """Face-mesh points of the faces the mesh finds in the whole image by itself (its own
+    short-range detector: faces that fill a good part of the image)."""
+    h, w = rgb.shape[:2]
+    with _mp_lock:
+        results = _static_face_mesh().process(rgb)
+    scale = np.array([w, h], np.float32)
+    return [np.array([(p.x, p.y) for p in face.landmark], dtype=np.float32) * scale
+            for face in results.multi_face_landmarks or []]
+
+
 def _landmark_box(points: np.ndarray) -> BBox:
     return BBox.around(points[list(FACE_OVAL)])
 
@@ -345,11 +356,17 @@ def _dedupe(faces: list[np.ndarray]) -> list[np.ndarray]:
     return kept
 
 
-def _faces_around(rgb: np.ndarray, boxes: list[BBox]) -> list[np.ndarray]:
+def _faces_around(rgb: np.ndarray, boxes: list[BBox], whole: list[np.ndarray] = ()) -> list[np.ndarray]:
     """Mesh points of the face each detector box holds (boxes the mesh cannot confirm are
-    dropped: the full-range detector's false positives), deduplicated."""
+    dropped: the full-range detector's false positives), deduplicated. A box that one of
+    `whole` (the mesh's faces in the whole image) covers keeps those points, so that faces the
+    whole-image mesh already found get exactly the landmarks they always had."""
     faces = []
     for box in boxes:
+        same = [f for f in whole if _landmark_box(f).iou(box) >= SAME_FACE_IOU]
+        if same:
+            faces.append(max(same, key=lambda f: _landmark_box(f).iou(box)))
+            continue
         found = _mesh_in_crop(rgb, box)
         if found:  # the face in the crop whose box best matches the detector's
             faces.append(max(found, key=lambda f: _landmark_box(f).iou(box)))
@@ -365,7 +382,8 @@ def find_faces(image_bgr: np.ndarray) -> list[np.ndarray]:
     """
     _check_image(image_bgr)
     rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
-    faces = _faces_around(rgb, [b for b, _ in _detect_boxes(rgb)])
+    whole = _mesh_whole(rgb)
+    faces = _faces_around(rgb, [b for b, _ in _detect_boxes(rgb)], whole)
     if not faces:
         for tiles in tile_grid(image_bgr.shape):
             boxes = [b for tile in tiles for b, _ in _detect_boxes(rgb, tile)]
@@ -373,9 +391,9 @@ def find_faces(image_bgr: np.ndarray) -> list[np.ndarray]:
             if faces:
                 break
     if not faces:
-        # Last resort, the mesh on the whole frame: its own detector still finds a large face
-        # that the frame edge cuts (the full-range detector wants a whole face).
-        faces = _mesh_in_crop(rgb, BBox(0, 0, image_bgr.shape[1], image_bgr.shape[0]), factor=1.0)
+        # Last resort, the mesh's own finds: a large face that the frame edge cuts (the
+        # full-range detector wants a whole face).
+        faces = _dedupe(whole)
     return sorted(faces, key=lambda f: float(f[:, 0].mean()))
 
 
