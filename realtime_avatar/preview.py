@@ -23,6 +23,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.contrib.media import MediaRelay
 from aiortc.sdp import SessionDescription
 
+from .video_encoding import install_live_h264_settings
 from .server import (
     WEB_ROOT,
     OfferError,
@@ -140,6 +141,7 @@ class PagePreview:
 
     async def start(self) -> str:
         include_loopback_candidates()
+        install_live_h264_settings()
         self._runner = web.AppRunner(self.app)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.host, self.port).start()

@@ -38,6 +38,8 @@ from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSes
 from aiortc.mediastreams import AUDIO_PTIME, MediaStreamError
 from aiortc.sdp import SessionDescription
 
+from .video_encoding import install_live_h264_settings
+
 log = logging.getLogger(__name__)
 
 WEB_ROOT = Path(__file__).parent / "web"
@@ -821,6 +823,7 @@ def create_app(
     `--host 127.0.0.1` keeps media on this machine too. None: every interface.
     """
     install_ice_address_hook()
+    install_live_h264_settings()  # no keyframe pulse when a peer negotiates H.264
     if loopback_candidates:
         include_loopback_candidates()
     server = AvatarServer(

@@ -86,3 +86,40 @@ def test_odd_sizes_are_padded_never_cropped(tmp_path, astronaut_bgr, caplog):
     assert np.abs(out[425] - odd[424]).mean() < 6.0  # the repeated last row
     said = [r.getMessage() for r in caplog.records if "even sizes" in r.getMessage()]
     assert len(said) == 1 and "512x425" in said[0] and "512x426" in said[0]
+
+
+def test_live_h264_has_no_keyframe_pulse_and_still_answers_keyframe_requests(astronaut_bgr):
+    # The encoder aiortc's RTP sender gets for a peer that negotiated H.264, through the same
+    # lookup the sender uses; aiortc's own (ABR, keyframe every 250 frames) jumped 1.34 levels.
+    import fractions
+
+    import aiortc.rtcrtpsender
+    from aiortc.codecs import get_decoder
+    from aiortc.codecs.h264 import H264PayloadDescriptor
+    from aiortc.jitterbuffer import JitterFrame
+    from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+
+    from realtime_avatar.video_encoding import install_live_h264_settings
+
+    install_live_h264_settings()
+    h264 = RTCRtpCodecParameters(mimeType="video/H264", clockRate=90000, payloadType=102,
+                                 parameters={"packetization-mode": "1", "profile-level-id": "42e01f"})
+    encoder, decoder = aiortc.rtcrtpsender.get_encoder(h264), get_decoder(h264)
+    rng = np.random.default_rng(0)
+    grey, keys = [], []
+    for i in range(260):  # past frame 250, where x264's default keyframe interval ends
+        f = astronaut_bgr.copy()
+        f[MOUTH] = rng.integers(0, 255, f[MOUTH].shape, dtype=np.uint8)
+        frame = av.VideoFrame.from_ndarray(f, format="bgr24")
+        frame.pts, frame.time_base = i * 3600, fractions.Fraction(1, 90000)
+        payloads, timestamp = encoder.encode(frame, force_keyframe=(i == 255))
+        data = b"".join(H264PayloadDescriptor.parse(p)[1] for p in payloads)
+        for out in decoder.decode(JitterFrame(data=data, timestamp=timestamp)):
+            grey.append(out.to_ndarray(format="gray").astype(np.float32))
+            keys.append(bool(out.key_frame))
+    assert len(grey) == 260
+    assert [i for i, k in enumerate(keys) if k] == [0, 255]  # no periodic keyframe; PLI honoured
+    background = np.ones(grey[0].shape, bool)
+    background[MOUTH_AND_MARGIN] = False
+    change = np.abs(np.diff(np.stack(grey), axis=0))[:, background].mean(axis=1)
+    assert change[240:254].max() < 0.5, change[240:254]  # around frame 250
