@@ -397,7 +397,8 @@ def _open_video(path: Path, fps: float, max_frames: int,
         except av.FFmpegError as e:
             raise AvatarSourceError(f"{path}: video decoding failed ({e})") from e
 
-    has_alpha = "a" in stream.codec_context.pix_fmt.replace("gray", "") if stream.codec_context.pix_fmt else False
+    pix_fmt = stream.codec_context.pix_fmt
+    has_alpha = bool(pix_fmt) and any(c.is_alpha for c in av.VideoFormat(pix_fmt).components)
     if has_alpha:
         log.info("%s has transparency (%s): composited onto %s (set with --background COLOR)", path,
                  stream.codec_context.pix_fmt, background)

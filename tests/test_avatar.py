@@ -533,3 +533,17 @@ def test_an_odd_sized_avatar_keeps_every_pixel(tmp_path, astronaut_bgr):
     odd = np.ascontiguousarray(astronaut_bgr[:425])  # 512x425
     av_ = prepare_avatar(_write_png(tmp_path / "odd.png", odd), tmp_path / "a", AvgPoolModel(), STILL)
     assert av_.frame_shape == (425, 512, 3) and np.array_equal(av_.frames[0], odd)
+
+
+def test_a_video_with_alpha_is_composited_too(tmp_path, astronaut_bgr):
+    bgra = _rgba_with_loud_transparent_pixels(astronaut_bgr)
+    path = tmp_path / "alpha.mov"
+    with av.open(str(path), "w") as out:  # PNG-in-MOV keeps the alpha channel (rgba)
+        stream = out.add_stream("png", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 512, 512, "rgba"
+        for _ in range(3):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(cv2.cvtColor(bgra, cv2.COLOR_BGRA2RGBA), format="rgba")))
+        out.mux(stream.encode(None))
+    av_ = prepare_avatar(path, tmp_path / "a", AvgPoolModel(), AvatarSettings(), progress=False)
+    assert av_.manifest.source_kind == "video" and av_.num_frames == 3
+    assert (np.asarray(av_.frames)[:, :, 400:] == 128).all()  # grey, not magenta
