@@ -52,6 +52,8 @@ from realtime_avatar.face import (
     RIGHT_EYE_LOWER,
     RIGHT_EYE_UPPER,
     BBox,
+    FaceChoice,
+    FaceChoiceError,
     FaceTracker,
     MultipleFacesWarning,
     detect_face_landmarks,
@@ -93,6 +95,17 @@ class NoFaceError(AvatarError):
 class FaceTooSmallError(AvatarError):
     """The face is too small in a frame to give a usable 256x256 crop."""
 
+    def __init__(self, source: Path, frame_index: int, face_px: int, min_px: int):
+        self.frame_index, self.face_px, self.min_px = frame_index, face_px, min_px
+        super().__init__(
+            f"{source}: frame {frame_index}: face is {face_px} px, at least {min_px} px needed: "
+            "use a closer crop (or a higher-resolution source)"
+        )
+
+
+class FaceNotChosenError(AvatarError):
+    """--face / --face-box names a face that is not in the source."""
+
 
 class AvatarCacheError(AvatarError):
     """An avatar directory is incomplete or inconsistent."""
@@ -112,10 +125,63 @@ class AvatarSettings:
     crop_expand: float = CROP_EXPAND  # blending crop box half-side factor
     min_face_px: int = 64  # smaller faces are rejected: the 256 crop would be mostly blur
     fps: int = FPS
+    face_index: int | None = None  # --face N: the N-th face from the left in the first frame
+    face_box: tuple[int, int, int, int] | None = None  # --face-box x,y,w,h in the first frame
+    background: str = "#808080"  # transparent pixels are composited onto this (#rrggbb)
 
     def __post_init__(self) -> None:
         if self.max_seconds <= 0 or self.idle_seconds <= 0:
             raise ValueError("max_seconds and idle_seconds must be positive")
+        object.__setattr__(self, "background", normalize_color(self.background))
+        if self.face_box is not None:
+            object.__setattr__(self, "face_box", tuple(int(v) for v in self.face_box))
+        self.face_choice()  # validates index/box
+
+    def face_choice(self) -> FaceChoice:
+        return FaceChoice(index=self.face_index, box=self.face_box)
+
+
+NAMED_COLORS = {"grey": "#808080", "gray": "#808080", "black": "#000000", "white": "#ffffff",
+                "green": "#00ff00", "blue": "#0000ff", "red": "#ff0000"}
+
+
+def normalize_color(text: str) -> str:
+    """'#rgb', '#rrggbb', 'R,G,B' (0-255) or a name (grey, black, white, green, blue, red) ->
+    '#rrggbb'. Raises ValueError naming the text."""
+    t = str(text).strip().lower()
+    t = NAMED_COLORS.get(t, t)
+    if t.startswith("#") and len(t) in (4, 7):
+        digits = t[1:] if len(t) == 7 else "".join(c * 2 for c in t[1:])
+        try:
+            int(digits, 16)
+            return "#" + digits
+        except ValueError:
+            pass
+    parts = t.split(",")
+    if len(parts) == 3:
+        try:
+            rgb = [int(p) for p in parts]
+        except ValueError:
+            rgb = []
+        if len(rgb) == 3 and all(0 <= v <= 255 for v in rgb):
+            return "#{:02x}{:02x}{:02x}".format(*rgb)
+    raise ValueError(f"colour {text!r}: use #rrggbb, R,G,B (0-255) or one of {', '.join(NAMED_COLORS)}")
+
+
+def color_bgr(color: str) -> tuple[int, int, int]:
+    """'#rrggbb' -> (b, g, r) ints."""
+    c = normalize_color(color)
+    r, g, b = (int(c[i : i + 2], 16) for i in (1, 3, 5))
+    return (b, g, r)
+
+
+def composite_over(bgra: np.ndarray, background_bgr: tuple[int, int, int]) -> np.ndarray:
+    """[H, W, 4] uint8 BGRA (straight alpha) -> [H, W, 3] uint8 BGR over a flat background:
+    out = a * colour + (1 - a) * background, rounded. Whatever colour a fully transparent
+    pixel holds, it shows the background."""
+    alpha = bgra[..., 3:4].astype(np.float32) / 255.0
+    out = bgra[..., :3].astype(np.float32) * alpha + np.float32(background_bgr) * (1.0 - alpha)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -246,10 +312,47 @@ def crop_face(frame: np.ndarray, bbox: BBox) -> np.ndarray:
 # -- reading sources ----------------------------------------------------------------------------
 
 
-def _read_image(path: Path) -> np.ndarray | None:
+def _read_image(path: Path, background: str = AvatarSettings.background) -> np.ndarray | None:
+    """A BGR uint8 image, upright (EXIF orientation applied); an image with an alpha channel
+    (RGBA, grey+alpha, a palette with a transparent colour) is composited onto `background`."""
     data = np.fromfile(path, np.uint8)
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    return image
+    if image is None:
+        return None
+    unchanged = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    has_alpha = unchanged is not None and unchanged.ndim == 3 and unchanged.shape[2] == 4
+    if not has_alpha and path.suffix.lower() in (".png", ".webp", ".tif", ".tiff"):
+        has_alpha = _pil_has_alpha(path)  # palette transparency: OpenCV may not expand it
+    if not has_alpha:
+        return image
+    bgra = _read_bgra(path)
+    if bgra is None:
+        return image
+    log.info("%s has transparency: composited onto %s (set with --background COLOR)", path, background)
+    return composite_over(bgra, color_bgr(background))
+
+
+def _pil_has_alpha(path: Path) -> bool:
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+    except Exception:
+        return False
+
+
+def _read_bgra(path: Path) -> np.ndarray | None:
+    """[H, W, 4] uint8 BGRA, EXIF orientation applied (Pillow: it reads every alpha flavour and
+    16-bit depths; OpenCV's IMREAD_UNCHANGED ignores the orientation)."""
+    try:
+        from PIL import Image, ImageOps
+
+        with Image.open(path) as im:
+            rgba = np.asarray(ImageOps.exif_transpose(im).convert("RGBA"))
+    except Exception:
+        return None
+    return np.ascontiguousarray(rgba[..., [2, 1, 0, 3]])
 
 
 def upright(image: np.ndarray, rotation: float) -> np.ndarray:
@@ -259,9 +362,11 @@ def upright(image: np.ndarray, rotation: float) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(image, k)) if k else image
 
 
-def _open_video(path: Path, fps: float, max_frames: int) -> tuple[Iterator[np.ndarray], int]:
+def _open_video(path: Path, fps: float, max_frames: int,
+                background: str = AvatarSettings.background) -> tuple[Iterator[np.ndarray], int]:
     """Decoded, upright BGR frames resampled to fps by their timestamps (PyAV), and an estimate
-    of how many there will be (for the progress bar)."""
+    of how many there will be (for the progress bar). Frames with an alpha channel are
+    composited onto `background`."""
     import av
 
     try:
@@ -292,10 +397,19 @@ def _open_video(path: Path, fps: float, max_frames: int) -> tuple[Iterator[np.nd
         except av.FFmpegError as e:
             raise AvatarSourceError(f"{path}: video decoding failed ({e})") from e
 
+    pix_fmt = stream.codec_context.pix_fmt
+    has_alpha = bool(pix_fmt) and any(c.is_alpha for c in av.VideoFormat(pix_fmt).components)
+    if has_alpha:
+        log.info("%s has transparency (%s): composited onto %s (set with --background COLOR)", path,
+                 stream.codec_context.pix_fmt, background)
+    bg = color_bgr(background)
+
     def frames() -> Iterator[np.ndarray]:
         with container:
             for frame in resample_to_fps(timed(), fps, max_frames):
-                yield upright(frame.to_ndarray(format="bgr24"), frame.rotation or 0.0)
+                image = composite_over(frame.to_ndarray(format="bgra"), bg) if has_alpha else \
+                    frame.to_ndarray(format="bgr24")
+                yield upright(image, frame.rotation or 0.0)
 
     return frames(), estimate
 
@@ -305,12 +419,13 @@ class _Source:
     kind: str  # "image" | "video"
     frames: Iterator[np.ndarray]
     expected_frames: int | None  # for the progress bar
+    chosen_box: tuple[int, int, int, int] | None = None  # image sources: the face already chosen
 
 
 def _open_source(path: Path, settings: AvatarSettings) -> _Source:
     if not path.is_file():
         raise AvatarSourceError(f"{path}: no such file")
-    image = _read_image(path) if path.suffix.lower() in IMAGE_SUFFIXES else None
+    image = _read_image(path, settings.background) if path.suffix.lower() in IMAGE_SUFFIXES else None
     if path.suffix.lower() in IMAGE_SUFFIXES and image is None:
         raise AvatarSourceError(
             f"{path}: cannot be decoded as an image (corrupt or not really {path.suffix}). "
@@ -318,7 +433,7 @@ def _open_source(path: Path, settings: AvatarSettings) -> _Source:
         )
     if image is None:
         max_frames = max(1, math.floor(settings.max_seconds * settings.fps))
-        frames, estimate = _open_video(path, settings.fps, max_frames)
+        frames, estimate = _open_video(path, settings.fps, max_frames, settings.background)
         first = next(frames, None)
         if first is None:
             raise AvatarSourceError(f"{path}: the video has no frames")
@@ -329,11 +444,21 @@ def _open_source(path: Path, settings: AvatarSettings) -> _Source:
             return _Source("video", _chain([first, second], frames), estimate)
     with warnings.catch_warnings():  # the preparation loop reports several faces once
         warnings.simplefilter("ignore", MultipleFacesWarning)
-        lm = detect_face_landmarks(image)
+        try:
+            lm = detect_face_landmarks(image, settings.face_choice())
+        except FaceChoiceError as e:
+            raise FaceNotChosenError(f"{path}: {e}") from None
     if lm is None:
         raise NoFaceError(path, 0)
     n = max(1, round(settings.idle_seconds * settings.fps)) if settings.idle_motion else 1
-    return _Source("image", iter(synthesize_idle_cycle(image, lm.points, n)), n)
+    return _Source("image", iter(synthesize_idle_cycle(image, lm.points, n)), n, _face_box(lm.points))
+
+
+def _face_box(points: np.ndarray) -> tuple[int, int, int, int]:
+    """(x, y, w, h) of a face's landmarks: how the chosen face of a still is handed to the
+    tracker of its idle cycle."""
+    b = BBox.around(points)
+    return (b.x1, b.y1, b.width, b.height)
 
 
 def _chain(head: list[np.ndarray], rest: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
@@ -655,24 +780,22 @@ def prepare_avatar(
         frames_writer = _NpyFramesWriter(tmp / "frames.npy")
         landmarks, boxes, masks, latents = [], [], {}, []
         crops: list[np.ndarray] = []
-        multi_face_frames: list[int] = []
+        choice = FaceChoice(box=opened.chosen_box) if opened.chosen_box else settings.face_choice()
+        tracker = FaceTracker(fps=settings.fps, warn_multiple=False, choice=choice)
         try:
-            with FaceTracker(fps=settings.fps, warn_multiple=False) as tracker:
+            with tracker:
                 frames = _progress(opened.frames, opened.expected_frames,
                                    progress and opened.kind == "video", f"preparing {source.name}")
                 for i, frame in enumerate(frames):
-                    lm = tracker.update(frame, timestamp=i / settings.fps)
+                    try:
+                        lm = tracker.update(frame, timestamp=i / settings.fps)
+                    except FaceChoiceError as e:
+                        raise FaceNotChosenError(f"{source}: {e}") from None
                     if lm is None:
                         raise NoFaceError(source, i)
-                    if lm.faces_found > 1:
-                        multi_face_frames.append(i)
                     bbox = face_bbox(lm.points, frame.shape, settings.extra_margin)
                     if min(bbox.width, bbox.height) < settings.min_face_px:
-                        raise FaceTooSmallError(
-                            f"{source}: the face in frame {i} is {bbox.width}x{bbox.height} px, "
-                            f"smaller than {settings.min_face_px} px. Use a higher-resolution source "
-                            "or one where the face fills more of the frame."
-                        )
+                        raise FaceTooSmallError(source, i, min(bbox.width, bbox.height), settings.min_face_px)
                     region = blend_region(lm.points, bbox, settings.crop_expand)
                     frames_writer.write(frame)
                     landmarks.append(lm.points)
@@ -688,10 +811,14 @@ def prepare_avatar(
                 latents.append(_encode_batch(model, crops))
         finally:
             frames_writer.close()
-        if multi_face_frames:
+        if tracker.chosen is not None and tracker.chosen[2] > 1:
+            k, box, n = tracker.chosen
+            how = "as asked" if (settings.face_index is not None or settings.face_box is not None) \
+                else "the largest face is used, ties to the most central"
             warnings.warn(
-                f"{source}: more than one face in {len(multi_face_frames)} of {frames_writer.count} "
-                f"frames (first: frame {multi_face_frames[0]}); the largest face is used",
+                f"{source}: {n} faces in the first frame; following face {k} (counted from the left) "
+                f"at x,y,w,h {box.x1},{box.y1},{box.width},{box.height} in every frame ({how}); "
+                "choose another with --face N or --face-box x,y,w,h",
                 MultipleFacesWarning,
                 stacklevel=2,
             )
@@ -830,8 +957,36 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--still", action="store_true", help="image sources: no idle motion (one frame)")
     parser.add_argument("--extra-margin", type=int, default=defaults.extra_margin,
                         help=f"pixels below the chin in the face box (default {defaults.extra_margin}, MuseTalk v1.5)")
+    add_face_arguments(parser)
     parser.add_argument("--force", action="store_true", help="rebuild even if a matching cache exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_face_arguments(parser: argparse.ArgumentParser) -> None:
+    """--face, --face-box and --background: wherever an avatar source is given."""
+    defaults = AvatarSettings()
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--face", type=int, default=None, metavar="N",
+                       help="with several faces, use the N-th counted from the left in the first frame "
+                            "(0 = leftmost; the faces found are logged). Default: the largest, ties to the "
+                            "most central. The chosen face is followed through a video")
+    group.add_argument("--face-box", default=None, metavar="X,Y,W,H",
+                       help="with several faces, use the one overlapping this pixel box in the first frame")
+    parser.add_argument("--background", default=defaults.background, metavar="COLOR",
+                        help="images/videos with transparency are composited onto this colour: #rrggbb, "
+                             f"R,G,B or a name (grey, black, white, green, blue, red) (default {defaults.background}, "
+                             "a neutral grey)")
+
+
+def settings_from_args(args: argparse.Namespace, **overrides: Any) -> AvatarSettings:
+    """AvatarSettings from --face/--face-box/--background (and any overrides); raises
+    AvatarError with a one-line message for a malformed value."""
+    try:
+        box = FaceChoice.parse_box(args.face_box) if getattr(args, "face_box", None) else None
+        return AvatarSettings(face_index=getattr(args, "face", None), face_box=box,
+                              background=getattr(args, "background", AvatarSettings.background), **overrides)
+    except ValueError as e:
+        raise AvatarError(str(e)) from None
 
 
 def prepare_main(args: argparse.Namespace) -> int:
@@ -840,7 +995,8 @@ def prepare_main(args: argparse.Namespace) -> int:
 
     source = args.source if args.source is not None else default_avatar_source()
     model = load_model(args.model, allow_random=args.allow_random_weights)
-    settings = AvatarSettings(
+    settings = settings_from_args(
+        args,
         max_seconds=args.max_seconds,
         idle_seconds=args.idle_seconds,
         idle_motion=not args.still,
@@ -854,7 +1010,7 @@ def prepare_main(args: argparse.Namespace) -> int:
             avatar = load_or_prepare_avatar(source, out_dir, model, settings, progress=not args.no_progress)
     except AvatarError as e:
         log.error("%s", e)
-        return 1
+        return 2
     print(f"{avatar.path}  ({avatar.num_frames} frames, {avatar.frame_shape[1]}x{avatar.frame_shape[0]}, "
           f"cycle {avatar.cycle_length / FPS:.1f} s)")
     return 0

@@ -132,6 +132,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--avatar", default=None,
                    help="avatar directory made by 'prepare', or an image/video of one face "
                         "(prepared and cached on first use); default: the bundled astronaut photo")
+    from .avatar import add_face_arguments
+
+    add_face_arguments(p)  # --face, --face-box, --background: how an image/video --avatar is prepared
     p.add_argument("--whisper", default="tiny.en", help="Whisper weights (default tiny.en, offline copy)")
     p.add_argument("--batch", type=int, default=8, help="frames per model call (default 8)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx", "tensorrt"],
@@ -142,10 +145,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _runtime(args):
+    from .avatar import settings_from_args
     from .runtime import load_runtime
 
     return load_runtime(args.model, args.avatar, args.whisper, allow_random=args.allow_random_weights,
-                        backend=args.backend, batch_size=args.batch, threads=args.threads)
+                        backend=args.backend, batch_size=args.batch, threads=args.threads,
+                        avatar_settings=settings_from_args(args))
 
 
 def cmd_prepare(args) -> int:

@@ -24,9 +24,9 @@ from .audio_sources import AudioSourceError, read_audio_file
 from .frame_windows import offline_frame_windows
 from .renderer import AvatarRenderer
 from .timing import FPS, SAMPLE_RATE, num_frames
+from .video_encoding import H264_CRF, add_h264_stream, video_frame
 
 AAC_BITRATE = 128_000
-H264_CRF = "20"  # visually lossless enough for a face, small files
 
 
 @dataclass
@@ -83,10 +83,7 @@ def render_clip(
     first_frame_at = None
     height, width = renderer.avatar.frame_shape[:2]
     with av.open(str(tmp), mode="w", format="mp4") as container:
-        video = container.add_stream("libx264", rate=FPS)
-        video.width, video.height = width - width % 2, height - height % 2
-        video.pix_fmt = "yuv420p"
-        video.options = {"crf": H264_CRF, "preset": "veryfast"}
+        video = add_h264_stream(container, width, height, crf=H264_CRF, what=str(out_path))
         sound = container.add_stream("aac", rate=rate)
         sound.layout = "stereo" if original.shape[0] == 2 else "mono"
         sound.bit_rate = AAC_BITRATE
@@ -97,10 +94,7 @@ def render_clip(
             for n, image in zip(positions, renderer.render(positions, windows[positions[0] : positions[-1] + 1])):
                 if first_frame_at is None:
                     first_frame_at = time.perf_counter()
-                frame = av.VideoFrame.from_ndarray(image[: video.height, : video.width], format="bgr24")
-                frame.pts = n
-                frame.time_base = fractions.Fraction(1, FPS)
-                container.mux(video.encode(frame))
+                container.mux(video.encode(video_frame(image, n)))
             bar.update(len(positions))
         bar.close()
         container.mux(video.encode(None))

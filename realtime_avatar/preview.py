@@ -23,11 +23,14 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.contrib.media import MediaRelay
 from aiortc.sdp import SessionDescription
 
+from .video_encoding import install_live_h264_settings
 from .server import (
     WEB_ROOT,
     OfferError,
     PtimeAudioTrack,
     error_response,
+    ice_addresses_for_host,
+    ice_gathering_on,
     include_loopback_candidates,
     json_response,
     parse_offer_sdp,
@@ -138,6 +141,7 @@ class PagePreview:
 
     async def start(self) -> str:
         include_loopback_candidates()
+        install_live_h264_settings()
         self._runner = web.AppRunner(self.app)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.host, self.port).start()
@@ -177,7 +181,8 @@ class PagePreview:
             if "audio" in kinds:
                 pc.addTrack(PtimeAudioTrack(self._relay.subscribe(self.session.audio_track, buffered=False)))
             pc.addTrack(self._relay.subscribe(self.session.video_track, buffered=False))
-            await pc.setLocalDescription(await pc.createAnswer())
+            with ice_gathering_on(ice_addresses_for_host(self.host)):  # media where the page is bound
+                await pc.setLocalDescription(await pc.createAnswer())
         except Exception as exc:
             await self._drop(pc)
             raise OfferError(400, f"offer rejected by the peer connection: {exc}") from exc

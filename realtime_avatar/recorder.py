@@ -16,6 +16,7 @@ import av
 import numpy as np
 
 from .timing import FPS, SAMPLE_RATE
+from .video_encoding import add_h264_stream, even_size, video_frame
 
 QUEUE_TICKS = 2 * FPS  # two seconds of backlog before ticks are dropped
 
@@ -24,7 +25,8 @@ class Mp4Recorder:
     def __init__(self, path: str | Path, width: int, height: int):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.width, self.height = width - width % 2, height - height % 2
+        self.source_size = (width, height)
+        self.width, self.height = even_size(width, height)  # odd sizes are padded, never cropped
         self.frames = 0
         self.dropped = 0
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_TICKS)
@@ -49,18 +51,13 @@ class Mp4Recorder:
     def _run(self) -> None:
         try:
             with av.open(str(self.path), mode="w", format="mp4") as container:
-                video = container.add_stream("libx264", rate=FPS)
-                video.width, video.height, video.pix_fmt = self.width, self.height, "yuv420p"
-                video.options = {"preset": "veryfast", "crf": "22"}
+                video = add_h264_stream(container, *self.source_size, what=str(self.path))
                 sound = container.add_stream("aac", rate=SAMPLE_RATE)
                 sound.layout = "mono"
                 n_audio = 0
                 while (item := self._queue.get()) is not None:
                     image, pcm = item
-                    frame = av.VideoFrame.from_ndarray(
-                        np.ascontiguousarray(image[: self.height, : self.width]), format="bgr24")
-                    frame.pts, frame.time_base = self.frames, fractions.Fraction(1, FPS)
-                    container.mux(video.encode(frame))
+                    container.mux(video.encode(video_frame(image, self.frames)))
                     samples = av.AudioFrame.from_ndarray(pcm.astype(np.float32)[None], format="fltp", layout="mono")
                     samples.sample_rate = SAMPLE_RATE
                     samples.pts, samples.time_base = n_audio, fractions.Fraction(1, SAMPLE_RATE)

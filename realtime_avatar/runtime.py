@@ -72,15 +72,18 @@ class Runtime:
                 f"({a.num_frames} frames {a.frame_shape[1]}x{a.frame_shape[0]})")
 
 
-def resolve_avatar(avatar: str | Path | None, model: RendererModel, progress: bool = True) -> Avatar:
+def resolve_avatar(avatar: str | Path | None, model: RendererModel, progress: bool = True,
+                   settings: AvatarSettings | None = None) -> Avatar:
     """An avatar directory (made by `prepare`) is loaded as is; an image or video is prepared
-    (or its cache reused); None means the bundled default face."""
+    with `settings` (face choice, background; default AvatarSettings()) or its cache reused;
+    None means the bundled default face."""
     if avatar is not None and Path(avatar).is_dir() and read_manifest(Path(avatar)) is not None:
         prepared = load_avatar(Path(avatar))
         prepared.check_model(model)  # latents of another model would render garbage
         return prepared
     source = Path(avatar) if avatar is not None else default_avatar_source()
-    return load_or_prepare_avatar(source, default_avatar_dir(source, model), model, AvatarSettings(), progress=progress)
+    return load_or_prepare_avatar(source, default_avatar_dir(source, model), model,
+                                  settings if settings is not None else AvatarSettings(), progress=progress)
 
 
 def load_runtime(
@@ -93,6 +96,7 @@ def load_runtime(
     batch_size: int = 8,
     threads: int | None = None,
     progress: bool = True,
+    avatar_settings: AvatarSettings | None = None,
 ) -> Runtime:
     if threads:
         torch.set_num_threads(threads)
@@ -104,7 +108,7 @@ def load_runtime(
 
         # encode() stays the torch model's (avatar preparation); render() runs on the engine
         renderer_model = select_backend(renderer_model, backend, batch_size=batch_size, threads=threads)
-    prepared = resolve_avatar(avatar, renderer_model, progress)
+    prepared = resolve_avatar(avatar, renderer_model, progress, avatar_settings)
     renderer = AvatarRenderer(renderer_model, prepared, silence_window(encoder), batch_size=batch_size)
     runtime = Runtime(encoder, renderer_model, prepared, renderer)
     log.info("runtime ready in %.1f s: %s", time.perf_counter() - t0, runtime.describe())

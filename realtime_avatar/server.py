@@ -16,15 +16,19 @@ relay task, closes the peer connection, awaits `session.close()` and drops the r
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import fractions
 import hmac
+import ipaddress
 import json
 import logging
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable, Protocol
+from typing import Awaitable, Callable, Iterator, Protocol, Sequence
 
 import aioice.ice
 import av
@@ -33,6 +37,8 @@ from aiohttp import web
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import AUDIO_PTIME, MediaStreamError
 from aiortc.sdp import SessionDescription
+
+from .video_encoding import install_live_h264_settings
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +88,69 @@ class OfferError(Exception):
 
 _aioice_host_addresses = aioice.ice.get_host_addresses
 
+# The local addresses ICE may gather on, for the negotiation running in this context; None: all.
+# A context variable, not a global: asyncio tasks copy the context they are created in, and
+# aiortc creates its gathering tasks inside setLocalDescription, so each server's (and each
+# test's) negotiation sees its own binding while other peers in the process keep theirs.
+_ICE_ADDRESSES: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
+    "ice_addresses", default=None
+)
+_loopback_candidates = False  # set by include_loopback_candidates()
+
 
 def _host_addresses_with_loopback(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+    allowed = _ICE_ADDRESSES.get()
+    if allowed is not None:
+        # aioice binds one UDP socket per address it is given (local_addr=(address, 0)), so
+        # this list decides where the media sockets listen, not only what the SDP says.
+        return [a for a in allowed if (use_ipv6 if ":" in a else use_ipv4)]
     addresses = _aioice_host_addresses(use_ipv4=use_ipv4, use_ipv6=use_ipv6)
-    if use_ipv4 and LOOPBACK_V4 not in addresses:
+    if _loopback_candidates and use_ipv4 and LOOPBACK_V4 not in addresses:
         addresses.append(LOOPBACK_V4)
     return addresses
+
+
+def ice_addresses_for_host(host: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """The local addresses ICE candidates (and their UDP sockets) belong on when the HTTP server
+    binds `host`, as aiohttp reads it: None, '' or '::' is every interface (None returned: no
+    restriction); '0.0.0.0' every IPv4 address of the machine plus 127.0.0.1; an address
+    itself; a name (e.g. 'localhost') what it resolves to. A sequence combines its entries.
+    """
+    if host is None:
+        return None
+    hosts = [host] if isinstance(host, str) else list(host)
+    addresses: list[str] = []
+    for h in hosts:
+        if h in ("", "::"):
+            return None
+        if h == "0.0.0.0":
+            addresses += _aioice_host_addresses(use_ipv4=True, use_ipv6=False) + [LOOPBACK_V4]
+            continue
+        try:
+            addresses.append(str(ipaddress.ip_address(h)))
+        except ValueError:
+            infos = socket.getaddrinfo(h, None, type=socket.SOCK_DGRAM)
+            addresses += [str(info[4][0]) for info in infos]
+    return tuple(dict.fromkeys(addresses))  # unique, in order
+
+
+@contextlib.contextmanager
+def ice_gathering_on(addresses: Sequence[str] | None) -> Iterator[None]:
+    """Within this block (and the tasks it starts), aioice gathers host candidates, and binds
+    their sockets, only on `addresses` (None: the default, every interface). Needs the aioice
+    hook that create_app installs (install_ice_address_hook)."""
+    install_ice_address_hook()
+    token = _ICE_ADDRESSES.set(tuple(addresses) if addresses is not None else None)
+    try:
+        yield
+    finally:
+        _ICE_ADDRESSES.reset(token)
+
+
+def install_ice_address_hook() -> None:
+    """Route aioice's host-address lookup through this module (idempotent, process-wide; with
+    no binding in effect and loopback candidates off it returns what aioice would)."""
+    aioice.ice.get_host_addresses = _host_addresses_with_loopback
 
 
 def include_loopback_candidates() -> None:
@@ -100,7 +163,9 @@ def include_loopback_candidates() -> None:
     aiortc clients in the same process). A remote browser ignores a loopback candidate (Chrome
     uses one only with --allow-loopback-in-peer-connection), so this costs one unused socket.
     """
-    aioice.ice.get_host_addresses = _host_addresses_with_loopback
+    global _loopback_candidates
+    _loopback_candidates = True
+    install_ice_address_hook()
 
 
 # --- audio framing ---------------------------------------------------------------------------
@@ -250,41 +315,99 @@ class MetricsSnapshot:
 
 
 _METRIC_PREFIX = "realtime_avatar"
+# Prometheus histogram buckets, seconds. Latency: audio arrival -> frame on the wire inside the
+# session; ~180-400 ms is the design range (DESIGN.md 4), so the buckets are dense there.
+LATENCY_BUCKETS_S = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0)
+# Render: one batched render call (model + blend); a frame lasts 40 ms, a batch of 4-8 frames
+# must finish in 160-320 ms, and a GPU does it in a few ms.
+RENDER_BUCKETS_S = (0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12)
+
+
+class _SnapshotCollector:
+    """Counters and gauges read from the server's state at each scrape (prometheus_client's
+    custom-collector protocol), so that a closed session's frames still count."""
+
+    def __init__(self, snapshot: Callable[[], MetricsSnapshot]):
+        self._snapshot = snapshot
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        snap = self._snapshot()
+        per = snap.per_session
+
+        def stat(stats: dict, key: str, scale: float = 1.0) -> float:
+            value = stats.get(key)
+            return float(value) * scale if isinstance(value, (int, float, np.number)) else 0.0
+
+        def name(short: str) -> str:
+            return f"{_METRIC_PREFIX}_{short}"
+
+        yield GaugeMetricFamily(name("sessions_active"), "Avatar sessions streaming now.",
+                                value=snap.sessions_active)
+        yield CounterMetricFamily(name("sessions"), "Avatar sessions started since the server started.",
+                                  value=snap.sessions_total)
+        rejected = CounterMetricFamily(name("sessions_rejected"), "Offers refused, by reason.", labels=["reason"])
+        for reason, n in sorted(snap.sessions_rejected.items()):
+            rejected.add_metric([reason], n)
+        yield rejected
+        yield CounterMetricFamily(
+            name("frames_sent"), "Video frames sent, all sessions.",
+            value=snap.frames_sent_closed + sum(stat(s, "frames_sent") for s in per.values()))
+        yield CounterMetricFamily(
+            name("late_frames"), "Video frames sent after their due time, all sessions.",
+            value=snap.late_frames_closed + sum(stat(s, "late_frames") for s in per.values()))
+        for short, help_text, key, scale in (
+            ("fps", "Video frames per second sent, per session.", "fps", 1.0),
+            ("session_latency_seconds", "Audio-in to frame-out latency, median over the last 10 s, per "
+             "session (the histogram realtime_avatar_latency_seconds has every frame).", "latency_ms", 1e-3),
+            ("av_offset_seconds", "Video minus audio presentation offset, per session.", "av_offset_ms", 1e-3),
+        ):
+            family = GaugeMetricFamily(name(short), help_text, labels=["session"])
+            for sid, stats in sorted(per.items()):
+                family.add_metric([sid], stat(stats, key, scale))
+            yield family
+
+
+class ServerMetrics:
+    """The /metrics of one server, in a CollectorRegistry of its own (several servers in one
+    process, as in tests, never share or clash). Sessions report into it through
+    `observe_latency` and `observe_render` (the session's `metrics_sink`)."""
+
+    def __init__(self, snapshot: Callable[[], MetricsSnapshot]):
+        from prometheus_client import CollectorRegistry, Histogram
+
+        self.registry = CollectorRegistry()
+        self.registry.register(_SnapshotCollector(snapshot))
+        self.latency = Histogram(
+            f"{_METRIC_PREFIX}_latency_seconds", "Audio arrival to its video frame on the wire, inside "
+            "the session (network not included), per frame.", buckets=LATENCY_BUCKETS_S, registry=self.registry)
+        self.render = Histogram(
+            f"{_METRIC_PREFIX}_render_seconds", "Wall time of one batched render call (model and blend).",
+            buckets=RENDER_BUCKETS_S, registry=self.registry)
+
+    def observe_latency(self, seconds: float) -> None:
+        self.latency.observe(seconds)
+
+    def observe_render(self, frames: int, seconds: float) -> None:
+        self.render.observe(seconds)
+
+    def exposition(self, accept: str = "") -> tuple[bytes, str]:
+        """(body, Content-Type) for a scrape with this Accept header: OpenMetrics when the
+        scraper asks for it (Prometheus does), else the classic text format 0.0.4."""
+        from prometheus_client.exposition import choose_encoder
+
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
 
 
 def render_metrics(snapshot: MetricsSnapshot) -> str:
-    """Prometheus text exposition (version 0.0.4) of a MetricsSnapshot."""
-    lines: list[str] = []
+    """Prometheus text exposition (version 0.0.4) of a MetricsSnapshot (counters and gauges)."""
+    from prometheus_client import CollectorRegistry, generate_latest
 
-    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
-        full = f"{_METRIC_PREFIX}_{name}"
-        lines.append(f"# HELP {full} {help_text}")
-        lines.append(f"# TYPE {full} {kind}")
-        for labels, value in samples:
-            lines.append(f"{full}{labels} {float(value):.6g}")
-
-    def stat(stats: dict, key: str) -> float:
-        value = stats.get(key)
-        return float(value) if isinstance(value, (int, float, np.number)) else 0.0
-
-    per = snapshot.per_session
-    metric("sessions_active", "gauge", "Avatar sessions streaming now.",
-           [("", snapshot.sessions_active)])
-    metric("sessions_total", "counter", "Avatar sessions started since the server started.",
-           [("", snapshot.sessions_total)])
-    metric("sessions_rejected_total", "counter", "Offers refused, by reason.",
-           [(f'{{reason="{reason}"}}', n) for reason, n in sorted(snapshot.sessions_rejected.items())])
-    metric("frames_sent_total", "counter", "Video frames sent, all sessions.",
-           [("", snapshot.frames_sent_closed + sum(stat(s, "frames_sent") for s in per.values()))])
-    metric("late_frames_total", "counter", "Video frames sent after their due time, all sessions.",
-           [("", snapshot.late_frames_closed + sum(stat(s, "late_frames") for s in per.values()))])
-    metric("fps", "gauge", "Video frames per second sent, per session.",
-           [(f'{{session="{sid}"}}', stat(s, "fps")) for sid, s in sorted(per.items())])
-    metric("latency_ms", "gauge", "Audio-in to frame-out latency estimate, per session.",
-           [(f'{{session="{sid}"}}', stat(s, "latency_ms")) for sid, s in sorted(per.items())])
-    metric("av_offset_ms", "gauge", "Video minus audio presentation offset, per session.",
-           [(f'{{session="{sid}"}}', stat(s, "av_offset_ms")) for sid, s in sorted(per.items())])
-    return "\n".join(lines) + "\n"
+    registry = CollectorRegistry()
+    registry.register(_SnapshotCollector(lambda: snapshot))
+    return generate_latest(registry).decode()
 
 
 def _json_default(value: object) -> object:
@@ -461,6 +584,7 @@ class AvatarServer:
         token: str | None,
         media_timeout_s: float,
         connect_timeout_s: float,
+        ice_addresses: Sequence[str] | None = None,
     ):
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be at least 1, got {max_sessions}")
@@ -469,12 +593,14 @@ class AvatarServer:
         self.token = token
         self.media_timeout_s = media_timeout_s
         self.connect_timeout_s = connect_timeout_s
+        self.ice_addresses = tuple(ice_addresses) if ice_addresses is not None else None
         self.peers: dict[str, PeerSession] = {}
         self.sessions_total = 0
         self.rejected: dict[str, int] = {}
         self._negotiating = 0  # slots held by offers still being answered
         self._frames_sent_closed = 0
         self._late_frames_closed = 0
+        self.prometheus = ServerMetrics(self.metrics)
 
     # registry
 
@@ -516,6 +642,8 @@ class AvatarServer:
         except Exception as exc:
             log.exception("session_factory failed")
             raise OfferError(500, f"could not create an avatar session: {exc!r}") from exc
+        if hasattr(session, "metrics_sink"):  # latency and render-time histograms of /metrics
+            session.metrics_sink = self.prometheus
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # no STUN: host candidates only
         peer = PeerSession(
             uuid.uuid4().hex,
@@ -534,7 +662,8 @@ class AvatarServer:
             # addTrack reuses the offer's transceivers: audio becomes sendrecv, video sendonly.
             pc.addTrack(PtimeAudioTrack(session.audio_track))
             pc.addTrack(session.video_track)
-            await pc.setLocalDescription(await pc.createAnswer())  # gathers ICE to completion
+            with ice_gathering_on(self.ice_addresses):  # media only where HTTP is bound
+                await pc.setLocalDescription(await pc.createAnswer())  # gathers ICE to completion
         except BaseException:
             await peer.close("negotiation failed")
             raise
@@ -666,10 +795,9 @@ class AvatarServer:
     async def handle_metrics(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
             return self._unauthorized()
+        body, content_type = self.prometheus.exposition(request.headers.get("Accept", ""))
         return web.Response(
-            text=render_metrics(self.metrics()),
-            content_type="text/plain",
-            headers={"X-Content-Type-Options": "nosniff"},
+            body=body, headers={"Content-Type": content_type, "X-Content-Type-Options": "nosniff"}
         )
 
 
@@ -684,12 +812,18 @@ def create_app(
     media_timeout_s: float = DEFAULT_MEDIA_TIMEOUT_S,
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
     loopback_candidates: bool = True,
+    host: str | Sequence[str] | None = None,
 ) -> web.Application:
     """The aiohttp app: page, signalling (/offer, /whip), /health, /metrics, per-session stats.
 
     token: when set, every route but the page, its static files and /health needs
     `Authorization: Bearer <token>`. loopback_candidates: see include_loopback_candidates.
+    host: the address the HTTP server binds (as given to TCPSite); the answers' ICE candidates
+    and the media sockets behind them are limited to it (see ice_addresses_for_host), so
+    `--host 127.0.0.1` keeps media on this machine too. None: every interface.
     """
+    install_ice_address_hook()
+    install_live_h264_settings()  # no keyframe pulse when a peer negotiates H.264
     if loopback_candidates:
         include_loopback_candidates()
     server = AvatarServer(
@@ -698,6 +832,7 @@ def create_app(
         token=token,
         media_timeout_s=media_timeout_s,
         connect_timeout_s=connect_timeout_s,
+        ice_addresses=ice_addresses_for_host(host),
     )
     app = web.Application(client_max_size=MAX_SDP_BYTES * 2)
     app[SERVER_KEY] = server
@@ -729,7 +864,7 @@ async def run_server(
     started: asyncio.Event | None = None,
 ) -> None:
     """Serve until cancelled; on cancellation every session is closed before returning."""
-    app = create_app(session_factory, max_sessions=max_sessions, token=token)
+    app = create_app(session_factory, max_sessions=max_sessions, token=token, host=host)
     runner = web.AppRunner(app)
     await runner.setup()
     try:

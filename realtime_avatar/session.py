@@ -45,6 +45,7 @@ from .timing import (
     num_features,
     window_first_feature,
 )
+from .video_encoding import pad_to_even
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,9 @@ class AvatarSession:
         self._latencies: deque[float] = deque(maxlen=FPS * 10)
         self._tick_times: deque[float] = deque(maxlen=FPS * 2)
         self.on_tick = None  # optional callback(tick, input_frame | None, image, audio), e.g. a recorder
+        # optional: observe_latency(seconds) per frame, observe_render(frames, seconds) per render
+        # call; the server's /metrics histograms (server.ServerMetrics)
+        self.metrics_sink = None
 
     # -- input ----------------------------------------------------------------------------------
 
@@ -241,7 +245,10 @@ class AvatarSession:
                 continue
             poses = [(fa.index + self._tick_offset) % cycle for fa in speech]
             windows = np.stack([fa.window for fa in speech])
+            started = time.perf_counter()
             images = await asyncio.to_thread(self.renderer.render, poses, windows)
+            if self.metrics_sink is not None:
+                self.metrics_sink.observe_render(len(poses), time.perf_counter() - started)
             for fa, image in zip(speech, images):
                 if fa.index >= self.scheduler.next_frame:
                     self._rendered[fa.index] = image
@@ -280,13 +287,16 @@ class AvatarSession:
             self._emit(n, image, audio)
             if arrival is not None:
                 self._latencies.append(now - arrival)
+                if self.metrics_sink is not None:
+                    self.metrics_sink.observe_latency(now - arrival)
             if self.on_tick is not None:
                 self.on_tick(n, frame, image, audio)
             self._tick_times.append(now)
             self.ticks = n = n + 1
 
     def _emit(self, n: int, image: np.ndarray, audio: np.ndarray) -> None:
-        video = av.VideoFrame.from_ndarray(image, format="bgr24")
+        # Odd sizes padded to even: aiortc's H.264 encoder (libx264, 4:2:0) refuses odd ones.
+        video = av.VideoFrame.from_ndarray(pad_to_even(image), format="bgr24")
         video.pts = n * (VIDEO_CLOCK_RATE // FPS)
         video.time_base = VIDEO_TIME_BASE
         pcm = np.clip(audio * 32768.0, -32768, 32767).astype(np.int16)

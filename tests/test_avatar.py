@@ -389,7 +389,7 @@ def test_image_without_a_face(tmp_path):
 
 def test_face_too_small(tmp_path, astronaut_bgr):
     small = cv2.resize(astronaut_bgr, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
-    with pytest.raises(FaceTooSmallError, match=r"frame 0 is \d+x\d+ px, smaller than 64 px"):
+    with pytest.raises(FaceTooSmallError, match=r"frame 0: face is \d+ px, at least 64 px needed: use a closer crop"):
         prepare_avatar(_write_png(tmp_path / "small.png", small), tmp_path / "a", AvgPoolModel(), FAST)
 
 
@@ -400,7 +400,7 @@ def test_two_faces_use_the_largest_and_warn(tmp_path, astronaut_bgr):
     canvas[:, :320] = big
     canvas[: small.shape[0], 320:] = small
     source = _write_png(tmp_path / "two.png", canvas)
-    with pytest.warns(MultipleFacesWarning, match="largest face is used"):
+    with pytest.warns(MultipleFacesWarning, match="2 faces in the first frame; following face 0 .*largest face is used"):
         av_ = prepare_avatar(source, tmp_path / "a", AvgPoolModel(), FAST, progress=False)
     assert (av_.landmarks[:, :, 0].max(axis=1) < 320).all()  # every frame uses the big face
 
@@ -429,3 +429,121 @@ def test_default_avatar_source_is_the_astronaut(tmp_path, monkeypatch, astronaut
     assert default_avatar_source() == path  # written once
     av_ = prepare_avatar(path, tmp_path / "default", AvgPoolModel(), AvatarSettings(), progress=False)
     assert av_.num_frames == 75  # 3 s idle cycle at 25 fps, 6 s ping-pong
+
+
+# -- field-report faults: where the face is, which face, transparency, odd sizes -----------------
+
+STILL = AvatarSettings(idle_motion=False)
+
+
+@pytest.mark.parametrize("strip_side", ["right", "left"])
+def test_a_grey_strip_beside_the_face_still_prepares(tmp_path, astronaut_bgr, strip_side):
+    # The field report: 512x512 astronaut + 320 px grey strip on the right (832x512) gave
+    # "no face found in frame 0"; on the left it worked.
+    left, right = (0, 320) if strip_side == "right" else (320, 0)
+    wide = cv2.copyMakeBorder(astronaut_bgr, 0, 0, left, right, cv2.BORDER_CONSTANT, value=(128, 128, 128))
+    av_ = prepare_avatar(_write_png(tmp_path / "wide.png", wide), tmp_path / "a", AvgPoolModel(), STILL)
+    assert av_.frame_shape == (512, 832, 3)
+    nose_x = float(av_.landmarks[0, 1, 0])
+    assert left + 180 < nose_x < left + 280  # the astronaut's nose, wherever the strip is
+
+
+def test_a_really_small_face_says_so_with_its_size(tmp_path, astronaut_bgr):
+    small = cv2.resize(astronaut_bgr, None, fx=0.35, fy=0.35, interpolation=cv2.INTER_AREA)
+    canvas = np.full((512, 832, 3), 128, np.uint8)
+    canvas[: small.shape[0], 832 - small.shape[1] :] = small  # right edge, where detection failed
+    with pytest.raises(FaceTooSmallError, match=r"face is \d\d px, at least 64 px needed: use a closer crop") as e:
+        prepare_avatar(_write_png(tmp_path / "far.png", canvas), tmp_path / "a", AvgPoolModel(), STILL)
+    assert 25 <= e.value.face_px < 64
+
+
+def _two_heads(astronaut_bgr: np.ndarray) -> np.ndarray:
+    """The field report's input: the same 180x220 head crop twice side by side on 420x260."""
+    head = astronaut_bgr[30:250, 135:315]
+    canvas = np.full((260, 420, 3), 200, np.uint8)
+    canvas[20:240, 20:200] = head
+    canvas[20:240, 220:400] = head
+    return canvas
+
+
+def test_two_faces_of_equal_size_the_chosen_one_is_kept_in_every_frame(tmp_path, astronaut_bgr):
+    # Before: the largest face was picked again per frame and the mouth jumped between them
+    # (face centre x 296, 296, 103, 285, 92, 289, ...).
+    rng = np.random.default_rng(7)
+    canvas = _two_heads(astronaut_bgr)
+    frames = [np.clip(canvas + rng.normal(0, 3, canvas.shape), 0, 255).astype(np.uint8) for _ in range(12)]
+    video = _write_video(tmp_path / "two.mp4", frames, fps=25)
+    with pytest.warns(MultipleFacesWarning, match="2 faces in the first frame; following face 0"):
+        av_ = prepare_avatar(video, tmp_path / "a", AvgPoolModel(), AvatarSettings(), progress=False)
+    centre_x = np.load(tmp_path / "a" / "boxes.npy")[:, 0, [0, 2]].mean(axis=1)
+    assert av_.num_frames == 12
+    assert centre_x.max() - centre_x.min() <= 2 and centre_x[0] < 210  # one face, the left one
+
+    with pytest.warns(MultipleFacesWarning, match="following face 1 .*as asked"):
+        right = prepare_avatar(video, tmp_path / "b", AvgPoolModel(), AvatarSettings(face_index=1), progress=False)
+    centre_x = np.load(tmp_path / "b" / "boxes.npy")[:, 0, [0, 2]].mean(axis=1)
+    assert right.num_frames == 12 and centre_x.min() > 210 and centre_x.max() - centre_x.min() <= 2
+
+    with pytest.warns(MultipleFacesWarning, match="following face 1"):
+        prepare_avatar(video, tmp_path / "c", AvgPoolModel(), AvatarSettings(face_box=(260, 50, 100, 120)),
+                       progress=False)
+    with pytest.raises(avatar_mod.FaceNotChosenError, match=r"face 2 asked for, but 2 found"):
+        prepare_avatar(video, tmp_path / "d", AvgPoolModel(), AvatarSettings(face_index=2), progress=False)
+
+
+def test_prepare_cli_takes_face_and_background_options(tmp_path, astronaut_bgr):
+    from realtime_avatar.cli import build_parser
+
+    args = build_parser().parse_args(["prepare", "x.png", "--face-box", "220,20,180,220", "--background", "0,255,0"])
+    settings = avatar_mod.settings_from_args(args)
+    assert settings.face_box == (220, 20, 180, 220) and settings.background == "#00ff00"
+    args = build_parser().parse_args(["serve", "--avatar", "x.png", "--face", "1"])
+    assert avatar_mod.settings_from_args(args).face_index == 1
+    bad = build_parser().parse_args(["prepare", "--background", "loud"])
+    with pytest.raises(avatar_mod.AvatarError, match="colour 'loud'"):
+        avatar_mod.settings_from_args(bad)
+
+
+def _rgba_with_loud_transparent_pixels(astronaut_bgr: np.ndarray) -> np.ndarray:
+    """The astronaut as BGRA: the right 112 columns fully transparent but holding magenta, and
+    a half-transparent band at the top."""
+    bgra = cv2.cvtColor(astronaut_bgr, cv2.COLOR_BGR2BGRA)
+    bgra[:, 400:, :3] = (255, 0, 255)
+    bgra[:, 400:, 3] = 0
+    bgra[:20, :400, 3] = 128
+    return bgra
+
+
+@pytest.mark.parametrize("background, bgr", [(None, (128, 128, 128)), ("#00ff00", (0, 255, 0))])
+def test_transparent_pixels_show_the_background_not_their_hidden_colour(tmp_path, astronaut_bgr, background, bgr, caplog):
+    source = _write_png(tmp_path / "rgba.png", _rgba_with_loud_transparent_pixels(astronaut_bgr))
+    settings = STILL if background is None else AvatarSettings(idle_motion=False, background=background)
+    with caplog.at_level("INFO", logger="realtime_avatar.avatar"):
+        av_ = prepare_avatar(source, tmp_path / "a", AvgPoolModel(), settings)
+    frame = np.asarray(av_.frames[0])
+    assert (frame[:, 400:] == np.array(bgr, np.uint8)).all()  # no magenta left
+    half = np.rint(astronaut_bgr[:20, :400] * (128 / 255) + np.array(bgr) * (127 / 255))
+    assert np.abs(frame[:20, :400].astype(np.int16) - half).max() <= 1  # straight-alpha blend
+    assert np.array_equal(frame[40:, :400], astronaut_bgr[40:, :400])  # opaque pixels untouched
+    said = [r.getMessage() for r in caplog.records if "transparency" in r.getMessage()]
+    assert len(said) == 1 and f"composited onto {settings.background}" in said[0]
+
+
+def test_an_odd_sized_avatar_keeps_every_pixel(tmp_path, astronaut_bgr):
+    odd = np.ascontiguousarray(astronaut_bgr[:425])  # 512x425
+    av_ = prepare_avatar(_write_png(tmp_path / "odd.png", odd), tmp_path / "a", AvgPoolModel(), STILL)
+    assert av_.frame_shape == (425, 512, 3) and np.array_equal(av_.frames[0], odd)
+
+
+def test_a_video_with_alpha_is_composited_too(tmp_path, astronaut_bgr):
+    bgra = _rgba_with_loud_transparent_pixels(astronaut_bgr)
+    path = tmp_path / "alpha.mov"
+    with av.open(str(path), "w") as out:  # PNG-in-MOV keeps the alpha channel (rgba)
+        stream = out.add_stream("png", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 512, 512, "rgba"
+        for _ in range(3):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(cv2.cvtColor(bgra, cv2.COLOR_BGRA2RGBA), format="rgba")))
+        out.mux(stream.encode(None))
+    av_ = prepare_avatar(path, tmp_path / "a", AvgPoolModel(), AvatarSettings(), progress=False)
+    assert av_.manifest.source_kind == "video" and av_.num_frames == 3
+    assert (np.asarray(av_.frames)[:, :, 400:] == 128).all()  # grey, not magenta

@@ -194,3 +194,86 @@ def test_tracker_loses_and_refinds_a_face_without_warnings(astronaut_bgr):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert tracker.update(astronaut_bgr) is not None
+
+
+# -- finding faces anywhere (field report: an ordinary face beside a grey strip was "no face") ----
+
+
+def _placed(face_bgr: np.ndarray, canvas_hw: tuple[int, int], top_left: tuple[int, int]) -> np.ndarray:
+    canvas = np.full(canvas_hw + (3,), 128, np.uint8)
+    y, x = top_left
+    canvas[y : y + face_bgr.shape[0], x : x + face_bgr.shape[1]] = face_bgr
+    return canvas
+
+
+@pytest.mark.parametrize(
+    "canvas_hw, top_left",
+    [
+        ((512, 832), (0, 0)),  # the field report's input: a 320 px grey strip on the right
+        ((512, 832), (0, 320)),  # the same strip on the left
+        ((2160, 3840), (0, 0)),  # 4K landscape, top-left corner
+        ((2160, 3840), (1648, 3328)),  # 4K landscape, bottom-right corner
+        ((3840, 2160), (3328, 1648)),  # 4K portrait, bottom-right corner
+        ((3840, 2160), (1600, 800)),  # 4K portrait, middle
+    ],
+)
+def test_a_face_is_found_wherever_it_is_in_frames_up_to_4k(astronaut_bgr, astronaut_landmarks, canvas_hw, top_left):
+    lm = detect_face_landmarks(_placed(astronaut_bgr, canvas_hw, top_left))
+    assert lm is not None, f"no face found in {canvas_hw[1]}x{canvas_hw[0]} at {top_left}"
+    assert lm.image_shape == canvas_hw
+    # The same landmarks as in the photo alone, moved by the offset (within a few pixels).
+    moved = astronaut_landmarks.points + np.array(top_left[::-1], np.float32)
+    assert np.abs(lm.group(FACE_OVAL) - moved[list(FACE_OVAL)]).mean() < 4.0
+
+
+def test_tile_grid_covers_the_frame_with_halving_tiles():
+    levels = face.tile_grid((2160, 3840))
+    assert [tiles[0].width for tiles in levels] == [1080, 540]
+    for tiles in levels:
+        covered = np.zeros((2160, 3840), bool)
+        for t in tiles:
+            assert t.width == t.height and t.x1 >= 0 and t.y1 >= 0 and t.x2 <= 3840 and t.y2 <= 2160
+            covered[t.y1 : t.y2, t.x1 : t.x2] = True
+        assert covered.all()
+    assert face.tile_grid((512, 832))[0][0].width == 256
+    assert face.tile_grid((300, 300)) == []  # a small frame is searched whole only
+
+
+def test_choose_face_takes_the_largest_then_the_most_central():
+    def square(x, y, side):  # a fake face: points spread over a square (only its box matters)
+        pts = np.zeros((478, 2), np.float32)
+        pts[:, 0] = np.linspace(x, x + side, 478)
+        pts[:, 1] = np.linspace(y, y + side, 478)[::-1]
+        return pts
+
+    frame = (400, 1000, 3)
+    big, small = square(700, 100, 120), square(100, 100, 80)
+    assert face.choose_face([small, big], frame) == 1  # largest wins wherever it is
+    off, central = square(50, 100, 100), square(430, 100, 104)  # 4 % apart: a tie on size
+    assert face.choose_face([off, central], frame) == 1  # the tie goes to the most central
+    assert face.choose_face([off, central], frame, face.FaceChoice(index=0)) == 0
+    assert face.choose_face([off, central], frame, face.FaceChoice(box=(40, 90, 100, 100))) == 0
+    with pytest.raises(face.FaceChoiceError, match=r"face 2 asked for, but 2 found \(numbered from the left: 0: \(5\d,"):
+        face.choose_face([off, central], frame, face.FaceChoice(index=2))
+    with pytest.raises(face.FaceChoiceError, match="no face overlaps the face box 900,300,10,10"):
+        face.choose_face([off, central], frame, face.FaceChoice(box=(900, 300, 10, 10)))
+    assert face.FaceChoice.parse_box("10,20,30,40") == (10, 20, 30, 40)
+    with pytest.raises(ValueError, match="four numbers"):
+        face.FaceChoice.parse_box("10,20,30")
+
+
+def test_tracker_keeps_the_chosen_face_of_two_equal_ones(astronaut_bgr):
+    # Two copies of one head: equal size, equally far from the centre. Chosen once, then kept.
+    head = astronaut_bgr[30:250, 135:315]
+    canvas = np.full((260, 420, 3), 200, np.uint8)
+    canvas[20:240, 20:200] = head
+    canvas[20:240, 220:400] = head
+    rng = np.random.default_rng(5)
+    frames = [np.clip(canvas + rng.normal(0, 4, canvas.shape), 0, 255).astype(np.uint8) for _ in range(8)]
+    with FaceTracker(warn_multiple=False) as tracker:
+        centres = [float(tracker.update(f).group(FACE_OVAL)[:, 0].mean()) for f in frames]
+        assert tracker.chosen is not None and tracker.chosen[0] == 0 and tracker.chosen[2] == 2
+    assert max(centres) - min(centres) < 3.0 and centres[0] < 210
+    with FaceTracker(warn_multiple=False, choice=face.FaceChoice(index=1)) as tracker:
+        right = [float(tracker.update(f).group(FACE_OVAL)[:, 0].mean()) for f in frames]
+    assert min(right) > 210 and max(right) - min(right) < 3.0

@@ -10,6 +10,7 @@ import asyncio
 import fractions
 import gc
 import io
+import ipaddress
 import json
 import os
 import re
@@ -143,22 +144,61 @@ def test_render_metrics_is_prometheus_text_and_counters_include_closed_sessions(
             },
         )
     )
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(text)}  # the official parser
+    assert families["realtime_avatar_frames_sent"].type == "counter"
+    assert families["realtime_avatar_sessions_active"].type == "gauge"
     samples = {}
-    for line in text.splitlines():
-        if line.startswith("#"):
-            assert re.fullmatch(r"# (HELP|TYPE) realtime_avatar_\w+ .+", line), line
-            continue
-        name, value = line.rsplit(" ", 1)
-        samples[name] = float(value)
+    for family in families.values():
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
     assert samples["realtime_avatar_sessions_active"] == 2
     assert samples["realtime_avatar_sessions_total"] == 7
     assert samples['realtime_avatar_sessions_rejected_total{reason="capacity"}'] == 3
     assert samples["realtime_avatar_frames_sent_total"] == 1060
     assert samples["realtime_avatar_late_frames_total"] == 5
     assert samples['realtime_avatar_fps{session="b"}'] == pytest.approx(24.5)
-    assert samples['realtime_avatar_latency_ms{session="a"}'] == pytest.approx(180.5)
-    assert samples['realtime_avatar_latency_ms{session="b"}'] == 0  # missing stat reads 0
+    assert samples['realtime_avatar_session_latency_seconds{session="a"}'] == pytest.approx(0.1805)
+    assert samples['realtime_avatar_session_latency_seconds{session="b"}'] == 0  # missing stat reads 0
+    assert samples['realtime_avatar_av_offset_seconds{session="a"}'] == pytest.approx(0.003)
     assert "# TYPE realtime_avatar_frames_sent_total counter" in text
+
+
+def first_get(http, url: str, accept: str):
+    return http.get(f"{url}/metrics", headers={"Accept": accept})
+
+
+def test_metrics_registries_are_per_app_and_histograms_use_seconds():
+    # Two servers in one process: each has its own registry (a global one would refuse the
+    # second app's metric names, or mix their counts).
+    async def scenario():
+        first, second = create_app(loopback_factory), create_app(loopback_factory)
+        first[SERVER_KEY].prometheus.observe_latency(0.22)
+        first[SERVER_KEY].prometheus.observe_render(4, 0.03)
+        async with serving(first) as url_a, serving(second) as url_b, http_client() as http:
+            texts = []
+            for url in (url_a, url_b):
+                async with http.get(f"{url}/metrics") as response:
+                    assert response.status == 200
+                    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+                    texts.append(await response.text())
+            async with first_get(http, url_a, "application/openmetrics-text; version=1.0.0") as response:
+                assert response.headers["Content-Type"].startswith("application/openmetrics-text")
+                assert (await response.text()).rstrip().endswith("# EOF")
+            return texts
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    a, b = asyncio.run(scenario())
+    hist = {s.name + str(sorted(s.labels.items())): s.value
+            for f in text_string_to_metric_families(a) if f.type == "histogram" for s in f.samples}
+    assert hist["realtime_avatar_latency_seconds_count[]"] == 1
+    assert hist["realtime_avatar_latency_seconds_bucket[('le', '0.25')]"] == 1
+    assert hist["realtime_avatar_latency_seconds_bucket[('le', '0.2')]"] == 0
+    assert hist["realtime_avatar_render_seconds_bucket[('le', '0.04')]"] == 1
+    assert "realtime_avatar_latency_seconds_count 0.0" in b  # the other server saw nothing
 
 
 def test_audio_in_stats_reads_levels_of_packed_stereo_s16(speech_wav):
@@ -375,6 +415,9 @@ def test_real_session_round_trip_rate_audio_and_lips(runtime, speech_wav):
     assert stats["audio_in"]["peak"] > 0.1  # the server heard the speech, not silence
     assert stats["connection_state"] == "connected"
     assert "realtime_avatar_frames_sent_total" in metrics
+    counts = dict(re.findall(r"^(realtime_avatar_(?:latency|render)_seconds_count) (\S+)$", metrics, re.M))
+    assert float(counts["realtime_avatar_latency_seconds_count"]) > 0  # the real session reports
+    assert float(counts["realtime_avatar_render_seconds_count"]) > 0
 
     # audio: what the session put on the wire comes back whole. Under CPU pressure the
     # session may idle a tick inside speech (input late: +40 ms of silence), skip input frames
@@ -470,6 +513,91 @@ def test_loopback_only_host_answer_has_a_127_0_0_1_candidate_and_connects(speech
     assert results[False]["candidates"] == []  # what DESIGN.md warns about
     assert results[True]["candidates"] and all(" 127.0.0.1 " in c for c in results[True]["candidates"])
     assert results[True]["frames"] > 0
+
+
+def _process_udp_sockets() -> dict[int, tuple[str, int]]:
+    """inode -> (local address, port) of every UDP socket this process holds (IPv4 and IPv6)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    found = {}
+    for table, v6 in (("/proc/net/udp", False), ("/proc/net/udp6", True)):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            inode = int(fields[9])
+            if inode not in inodes:
+                continue
+            hex_addr, hex_port = fields[1].split(":")
+            raw = bytes.fromhex(hex_addr)
+            if v6:
+                addr = str(ipaddress.IPv6Address(b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))))
+            else:
+                addr = str(ipaddress.IPv4Address(raw[::-1]))
+            found[inode] = (addr, int(hex_port, 16))
+    return found
+
+
+def _candidate_addresses(sdp: str) -> list[tuple[str, int]]:
+    # a=candidate:<foundation> <component> <transport> <priority> <address> <port> typ <type>
+    return [(f[4], int(f[5])) for f in (l.split() for l in sdp.splitlines() if l.startswith("a=candidate:"))]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+def test_media_is_bound_only_where_the_server_is(speech_wav, host):
+    """`serve --host 127.0.0.1` means this machine only: the answer's ICE candidates, and the
+    UDP sockets behind them, are on 127.0.0.1 alone (before: on every interface). 0.0.0.0 gets
+    the machine's IPv4 addresses and 127.0.0.1."""
+    import aioice.ice
+
+    machine = set(aioice.ice.get_host_addresses(use_ipv4=True, use_ipv6=False)) - {"127.0.0.1"}
+    expected = {"127.0.0.1"} if host == "127.0.0.1" else machine | {"127.0.0.1"}
+
+    async def scenario():
+        app = create_app(loopback_factory, host=host)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, host, 0)
+            await site.start()
+            port = runner.addresses[0][1]
+            async with http_client() as http:
+                client = RtcClient(f"http://127.0.0.1:{port}", WavMicrophoneTrack(speech_wav))
+                before = _process_udp_sockets()
+                await client.connect(http)
+                after = _process_udp_sockets()
+                await asyncio.wait_for(client.first_video.wait(), 10)  # and media flows
+                offer_ports = {p for _, p in _candidate_addresses(client.pc.localDescription.sdp)}
+                await client.close(http)
+            return client.answer_sdp, before, after, offer_ports
+        finally:
+            await runner.cleanup()
+
+    answer, before, after, client_ports = asyncio.run(scenario())
+    candidates = _candidate_addresses(answer)
+    assert candidates and {a for a, _ in candidates} == expected, candidates
+    server_sockets = [v for k, v in after.items() if k not in before and v[1] not in client_ports]
+    assert sorted(server_sockets) == sorted(set(candidates))  # no socket beyond the candidates (bundled)
+    if host == "127.0.0.1":
+        assert all(addr == "127.0.0.1" for addr, _ in server_sockets)
+
+
+def test_ice_addresses_for_host():
+    from realtime_avatar.server import ice_addresses_for_host
+
+    assert ice_addresses_for_host("127.0.0.1") == ("127.0.0.1",)
+    assert ice_addresses_for_host(None) is None and ice_addresses_for_host("::") is None
+    assert "127.0.0.1" in ice_addresses_for_host("0.0.0.0")
+    assert "127.0.0.1" in ice_addresses_for_host("localhost")
+    assert ice_addresses_for_host(["127.0.0.1", "::1"]) == ("127.0.0.1", "::1")
 
 
 def test_fifty_connect_disconnect_cycles_leave_nothing_behind(speech_wav):
