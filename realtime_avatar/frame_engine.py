@@ -11,7 +11,7 @@ are due, and for all of them together makes
     1. ONE model call: latents (device-resident, gathered per avatar and cycle position) and
        audio windows [N,50,384] -> float patches [N,3,256,256] on the device;
     2. ONE compose call per frame size (compose.ComposeBank: all avatars of a size share
-       one bank): patches -> grey levels -> blended into copies of the cached frames, uint8
+       one bank; usually all avatars have one size): patches -> grey levels -> blended into copies of the cached frames, uint8
        BGR or yuv420p, on the device;
     3. one copy of the finished uint8 frames to the host (pinned memory on CUDA), split back
        per request.
@@ -222,20 +222,17 @@ class FrameEngine:
 
     # -- the batch ---------------------------------------------------------------------------
 
-    def _step_fn(self, bank: ComposeBank, batch: int) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-        """latents, audio, bank frame ids -> composed uint8 frames, for one bucket."""
-
-        def step(latents: torch.Tensor, audio: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-            images = self._render(latents, audio)
-            return bank.compose(family_levels(self.model_id, images), ids)
-
+    def _compiled_fn(self, key: tuple, fn: Callable) -> Callable:
+        """fn compiled once per key (bucket, bank) with CUDA graphs; eager when not compiled."""
         if self.step != "compiled":
-            return step
-        key = (id(bank), batch)
-        fn = self._compiled.get(key)
-        if fn is None:
-            fn = self._compiled[key] = torch.compile(step, mode="reduce-overhead", dynamic=False)
-        return fn
+            return fn
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            compiled = self._compiled[key] = torch.compile(fn, mode="reduce-overhead", dynamic=False)
+        return compiled
+
+    def _model_levels(self, latents: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        return family_levels(self.model_id, self._render(latents, audio))
 
     def render_now(self, requests: Sequence[FrameRequest]) -> list[list[np.ndarray]]:
         """Frames of every request (same order), in one model call and one compose call per
@@ -247,46 +244,58 @@ class FrameEngine:
             return self._render_locked(requests)
 
     def _render_locked(self, requests: Sequence[FrameRequest]) -> list[list[np.ndarray]]:
-        by_bank: dict[int, list[int]] = {}
-        for i, r in enumerate(requests):
-            by_bank.setdefault(id(r.slot.bank), []).append(i)
+        # requests grouped by frame size (bank), so that each bank's frames are contiguous
+        order = sorted(range(len(requests)), key=lambda i: id(requests[i].slot.bank))
+        group = [requests[i] for i in order]
+        latents = torch.cat([r.slot.latents[r.slot.cached_indices(r.positions)] for r in group])
+        audio = torch.from_numpy(np.concatenate([np.asarray(r.windows, np.float32) for r in group]))
+        audio = audio.to(self.device, non_blocking=True)
+        ids = torch.tensor([r.slot.first + c for r in group for c in r.slot.cached_indices(r.positions)],
+                           dtype=torch.int64, device=self.device)
+        banks: list[tuple[ComposeBank, int, int]] = []  # bank, first row, end row
+        row = 0
+        for r in group:
+            if banks and banks[-1][0] is r.slot.bank:
+                banks[-1] = (r.slot.bank, banks[-1][1], row + len(r.positions))
+            else:
+                banks.append((r.slot.bank, row, row + len(r.positions)))
+            row += len(r.positions)
+        host: list[np.ndarray] = []
+        top = self.buckets[-1]
+        for s in range(0, row, top):  # one model call per largest bucket (usually just one)
+            e = min(row, s + top)
+            levels = self._call(("model",), self._model_levels, latents[s:e], audio[s:e])
+            self.model_calls += 1
+            for bank, b0, b1 in banks:  # one compose call per frame size
+                lo, hi = max(b0, s), min(b1, e)
+                if lo < hi:
+                    out = self._call(("compose", id(bank)), bank.compose, levels[lo - s : hi - s], ids[lo:hi])
+                    self.compose_calls += 1
+                    if self.frame_format == "yuv420p":
+                        out = bgr_to_yuv420p(out)
+                    host.append(self._to_host(out))
+        frames_in_order = [f for chunk in host for f in chunk]
         frames: list[list[np.ndarray] | None] = [None] * len(requests)
-        for indices in by_bank.values():
-            group = [requests[i] for i in indices]
-            bank = group[0].slot.bank
-            latents = torch.cat([r.slot.latents[r.slot.cached_indices(r.positions)] for r in group])
-            audio = torch.from_numpy(np.concatenate([np.asarray(r.windows, np.float32) for r in group]))
-            audio = audio.to(self.device, non_blocking=True)
-            ids = torch.tensor([r.slot.first + c for r in group for c in r.slot.cached_indices(r.positions)],
-                               dtype=torch.int64, device=self.device)
-            host = self._run_batch(bank, latents, audio, ids)
-            start = 0
-            for i, r in zip(indices, group):
-                frames[i] = list(host[start : start + len(r.positions)])  # views of one host array
-                start += len(r.positions)
-            self.frames_rendered += len(ids)
+        start = 0
+        for i, r in zip(order, group):
+            frames[i] = frames_in_order[start : start + len(r.positions)]
+            start += len(r.positions)
+        self.frames_rendered += row
         return frames  # type: ignore[return-value]
 
-    def _run_batch(self, bank: ComposeBank, latents: torch.Tensor, audio: torch.Tensor, ids: torch.Tensor) -> np.ndarray:
-        n = len(ids)
-        top = self.buckets[-1]
-        chunks = []
-        for s in range(0, n, top):
-            lat, aud, idx = latents[s : s + top], audio[s : s + top], ids[s : s + top]
-            m = len(idx)
-            size = bucket_size(m, self.buckets) if self.step == "compiled" else m
-            if size > m:  # pad with copies of the last frame; their output is dropped
-                pad = size - m
-                lat = torch.cat([lat, lat[-1:].expand(pad, *lat.shape[1:])])
-                aud = torch.cat([aud, aud[-1:].expand(pad, *aud.shape[1:])])
-                idx = torch.cat([idx, idx[-1:].expand(pad)])
-            out = self._step_fn(bank, size)(lat, aud, idx)[:m]
-            self.model_calls += 1
-            self.compose_calls += 1
-            if self.frame_format == "yuv420p":
-                out = bgr_to_yuv420p(out)
-            chunks.append(out if self.step != "compiled" else out.clone())
-        frames = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+    def _call(self, key: tuple, fn: Callable, *args: torch.Tensor) -> torch.Tensor:
+        """fn(*args) on a batch: compiled steps get it padded to its bucket (copies of the last
+        row, their output dropped) so each bucket's CUDA graph is captured once."""
+        m = args[0].shape[0]
+        if self.step != "compiled":
+            return fn(*args)
+        size = bucket_size(m, self.buckets)
+        if size > m:
+            args = tuple(torch.cat([a, a[-1:].expand(size - m, *a.shape[1:])]) for a in args)
+        return self._compiled_fn(key + (size,), fn)(*args)[:m].clone()  # graphs reuse outputs
+
+    def _to_host(self, frames: torch.Tensor) -> np.ndarray:
+        """The one host copy of the frame path: uint8 frames, through pinned memory on CUDA."""
         if frames.device.type == "cpu":
             return frames.numpy()
         host = torch.empty(frames.shape, dtype=torch.uint8, pin_memory=True)
