@@ -38,7 +38,8 @@ def choose_device(spec: str | torch.device | None = "auto") -> torch.device:
         spec = str(spec)
     spec = (spec or "auto").strip().lower()
     if not _DEVICE_PATTERN.match(spec):
-        raise DeviceUnavailable(f"--device {spec!r} is not one of {DEVICE_CHOICES}")
+        raise DeviceUnavailable(f"--device {spec!r} is not one of {DEVICE_CHOICES} (a microphone is "
+                                "chosen with --input-device)")
     if spec == "auto":
         if torch.cuda.is_available():
             device = torch.device("cuda", 0)
