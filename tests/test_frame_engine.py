@@ -3,7 +3,8 @@
 Real components throughout: Whisper tiny.en features of real speech, the runtime's renderer
 model, avatars prepared by mediapipe from real photos (three different faces/frame sizes).
 The reference for every frame is the pre-engine path: model.render() (uint8 patches on the
-host) + the numpy Blender, one session at a time.
+host) + the numpy Blender, one session at a time. The CUDA versions of these checks are in
+test_frame_engine_cuda.py (skipped without a GPU; benchmarks/gpu_check.py runs them).
 """
 
 from __future__ import annotations
@@ -23,11 +24,6 @@ from realtime_avatar.compose import ComposeBank, bgr_to_yuv420p, family_levels
 from realtime_avatar.frame_engine import BUCKETS, FrameEngine, FrameRequest, bucket_size
 from realtime_avatar.frame_windows import offline_frame_windows
 from tests.speech import espeak_wav, read_wav
-
-cuda = pytest.mark.cuda
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="needs a CUDA GPU (runs in benchmarks/gpu_check.py on a lent GPU)")
-
 
 # -- fixtures: three different avatars, real speech windows ----------------------------------------
 
@@ -231,54 +227,39 @@ def test_the_engine_renders_yuv420p_frames_the_encoder_takes(runtime, avatars, w
         assert yuv.shape == theirs.shape and np.abs(yuv.astype(int) - theirs.astype(int)).max() <= 2
 
 
-# -- CUDA (skipped here; run by benchmarks/gpu_check.py on a lent GPU) -------------------------------
+# -- Whisper windows of all sessions in one encoder call ---------------------------------------------
 
 
-def _on_cuda(model):
-    """A copy of the test runtime's compact model on the GPU (the CPU one stays as it is)."""
-    import copy
+def test_encoder_batcher_gives_each_stream_the_features_it_gets_alone(runtime):
+    """Three live streams (different audio) through one EncoderBatcher: each gets exactly the
+    features of its own unbatched stream, in fewer encoder calls than windows."""
+    from realtime_avatar.audio_ring import AudioRing
+    from realtime_avatar.encoder_batching import EncoderBatcher
+    from realtime_avatar.streaming_whisper import LOW_LATENCY, StreamingWhisper
+    from realtime_avatar.timing import SAMPLE_RATE
 
-    from realtime_avatar.models.compact import CompactModel
+    rng = np.random.default_rng(0)
+    t = np.arange(int(2.5 * SAMPLE_RATE)) / SAMPLE_RATE
+    clips = [(0.1 * np.sin(2 * np.pi * f * t) + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
+             for f in (180, 260, 340)]
+    batcher = EncoderBatcher(runtime.encoder, tick_s=0.04)
 
-    return CompactModel(copy.deepcopy(model.net), device="cuda", notes=model.notes)
+    async def stream(clip, batcher):
+        ring = AudioRing(len(clip))
+        whisper = StreamingWhisper(runtime.encoder, ring, LOW_LATENCY, batcher=batcher)
+        ring.write(clip)  # all audio at once: every window is due now
+        ring.close()
+        return np.concatenate([block.states async for block in whisper.stream()]), whisper.runs
 
+    async def go():
+        out = await asyncio.gather(*(stream(c, batcher) for c in clips))
+        await batcher.close()
+        alone = [await stream(c, None) for c in clips]  # one stream at a time, unbatched
+        return out, alone
 
-@cuda
-@needs_cuda
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_cuda_engine_matches_the_cpu_reference(runtime, avatars, windows, precision):
-    model = _on_cuda(runtime.model)
-    engine = FrameEngine(model, "cuda", precision)
-    slots = [engine.add_avatar(a) for a in avatars]
-    for slot in slots:
-        frames = engine.render_now([FrameRequest(slot, (0, 1, 2), windows[:3])])[0]
-        want = reference_frames(runtime.model, slot.avatar, [0, 1, 2], windows[:3])
-        limit = 1 if precision == "fp32" else 3  # DESIGN.md 11: fp16 patches within 1 level
-        for g, w in zip(frames, want):
-            assert np.abs(g.astype(int) - w.astype(int)).max() <= limit
-
-
-@cuda
-@needs_cuda
-def test_cuda_compiled_step_passes_the_gate_and_matches_eager(runtime, avatars, windows):
-    engine = FrameEngine(_on_cuda(runtime.model), "cuda", "fp16", step="compiled", buckets=(1, 2, 4, 8))
-    slot = engine.add_avatar(avatars[0])
-    engine.warm_up()  # captures every bucket and runs the accuracy gate
-    frames = engine.render_now([FrameRequest(slot, (0, 1, 2), windows[:3])])[0]
-    want = reference_frames(runtime.model, avatars[0], [0, 1, 2], windows[:3])
-    for g, w in zip(frames, want):
-        assert np.abs(g.astype(int) - w.astype(int)).max() <= 3
-
-
-@cuda
-@needs_cuda
-def test_cuda_whisper_streaming_and_offline_match_the_cpu(runtime, windows):
-    import copy
-
-    from realtime_avatar.streaming_whisper import LOW_LATENCY, offline_features, stream_features
-
-    audio = np.sin(np.linspace(0, 800, 16000 * 3)).astype(np.float32) * 0.1
-    gpu = copy.deepcopy(runtime.encoder).to("cuda")
-    for fn in (offline_features, lambda e, a: stream_features(e, a, LOW_LATENCY)):
-        cpu_states, gpu_states = fn(runtime.encoder, audio), fn(gpu, audio)
-        assert gpu_states.shape == cpu_states.shape and np.abs(gpu_states - cpu_states).max() < 1e-2
+    results, alone = asyncio.run(go())
+    for (states, runs), (want, want_runs) in zip(results, alone):
+        assert states.shape == want.shape and runs == want_runs
+        assert np.abs(states - want).max() < 1e-3
+    windows = sum(runs for _, runs in results)
+    assert batcher.calls < windows  # windows of different streams shared calls
