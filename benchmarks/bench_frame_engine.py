@@ -144,7 +144,7 @@ def synthetic(engine, slot, windows, levels: list[int], seconds: float, budget_s
 
 
 async def _webrtc(bench, n: int, seconds: float) -> dict:
-    import soundfile
+    import wave
 
     from realtime_avatar.cli import _session_factory
     from realtime_avatar.server import SERVER_KEY, create_app
@@ -156,7 +156,12 @@ async def _webrtc(bench, n: int, seconds: float) -> dict:
     app = create_app(factory, max_sessions=n, media_timeout_s=seconds + 30)
     with tempfile.TemporaryDirectory() as tmp:
         wav = Path(tmp) / "speech.wav"
-        soundfile.write(wav, common.speech_of_length(seconds, common.WEBRTC_RATE), common.WEBRTC_RATE)
+        pcm = (np.clip(common.speech_of_length(seconds, common.WEBRTC_RATE), -1, 1) * 32767).astype(np.int16)
+        with wave.open(str(wav), "wb") as out:
+            out.setnchannels(1)
+            out.setsampwidth(2)
+            out.setframerate(common.WEBRTC_RATE)
+            out.writeframes(pcm.tobytes())
         async with serving(app) as url, http_client() as http:
             clients = [RtcClient(url, WavMicrophoneTrack(wav, total_s=seconds + 1)) for _ in range(n)]
             for client in clients:

@@ -263,3 +263,53 @@ def test_encoder_batcher_gives_each_stream_the_features_it_gets_alone(runtime):
         assert np.abs(states - want).max() < 1e-3
     windows = sum(runs for _, runs in results)
     assert batcher.calls < windows  # windows of different streams shared calls
+
+
+# -- real sessions sharing the engine ----------------------------------------------------------------
+
+
+def test_a_live_session_closing_mid_speech_leaves_the_other_paced(runtime):
+    """Two AvatarSessions on the runtime's engine speak at once; one hangs up mid-sentence
+    (its frames queued or in a batch). The other keeps one tick per 40 ms, plays every input
+    frame once, and still gets rendered frames after the close."""
+    from realtime_avatar.session import AvatarSession, SessionConfig
+    from realtime_avatar.streaming_whisper import StreamingConfig
+    from realtime_avatar.timing import SAMPLE_RATE, SAMPLES_PER_FRAME
+
+    config = SessionConfig(streaming=StreamingConfig(window_s=2.0, hop_s=0.12, lookahead_s=0.12),
+                           render_budget_s=0.6, batch_size=4)
+    t = np.arange(int(4.0 * SAMPLE_RATE)) / SAMPLE_RATE
+    speech = (0.2 * np.sin(2 * np.pi * 200 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+
+    async def go():
+        a = AvatarSession(runtime.encoder, runtime.renderer, config)
+        b = AvatarSession(runtime.encoder, runtime.renderer, config)
+        ticks: list = []
+        b.on_tick = lambda n, frame, image, pcm: ticks.append((n, frame))
+        await a.start()
+        await b.start()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        packet = SAMPLE_RATE // 50
+        rendered_at_close = None
+        for i in range(0, len(speech), packet):
+            await asyncio.sleep(max(0.0, t0 + i / SAMPLE_RATE - loop.time()))
+            chunk = speech[i : i + packet]
+            b.push_pcm(chunk, SAMPLE_RATE)
+            if not a.closed:
+                a.push_pcm(chunk, SAMPLE_RATE)
+            if i >= 2 * SAMPLE_RATE and not a.closed:
+                await a.close()  # mid-speech: its frames are queued or in a batch
+                rendered_at_close = b.rendered_frames
+        b.end_of_input()
+        await asyncio.sleep(1.2)
+        stats = b.stats()
+        await b.close()
+        return ticks, stats, rendered_at_close
+
+    ticks, stats, rendered_at_close = asyncio.run(go())
+    assert [n for n, _ in ticks] == list(range(len(ticks)))
+    assert 23.5 <= stats["fps"] <= 26.5
+    played = [f for _, f in ticks if f is not None]
+    assert played == list(range(len(speech) // SAMPLES_PER_FRAME))  # nothing dropped or repeated
+    assert stats["rendered_frames"] > rendered_at_close  # the engine kept rendering for b
