@@ -226,7 +226,7 @@ def plot(result: dict, plots: Path | None) -> list[str]:
 def run(args: argparse.Namespace, bench: common.BenchRuntime | None = None) -> dict:
     import torch
 
-    bench = bench or common.load_bench_runtime(args.quick, threads=args.threads, backend=args.backend or "torch")
+    bench = bench or common.load_bench_runtime(args.quick, threads=args.threads, backend=args.backend)
     result = common.header("frame_engine", args, bench)
     result["under_load"] = bool(common.competing_processes())
     result["runs"], result["skipped"] = [], []
