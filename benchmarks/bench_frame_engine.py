@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None, bench: common.BenchRuntime | None = None
     args = parser().parse_args(argv)
     if args.quick:
         args.seconds, args.seconds_per_batch = min(args.seconds, 3.0), min(args.seconds_per_batch, 0.5)
-        args.webrtc_seconds = min(args.webrtc_seconds, 10.0)
+        args.webrtc_seconds = min(args.webrtc_seconds, 10.0)  # --quick: a smoke run
     return common.finish(run(args, bench), args, markdown)
 
 

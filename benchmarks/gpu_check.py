@@ -148,7 +148,9 @@ def model_and_avatar(carry: Path | None):
         import mediapipe  # noqa: F401
     except ImportError:
         return model, weights, None, "no carried avatar for these weights and no mediapipe to prepare one"
-    folder = REPO / "gpu_check_carry" / f"avatar-{model.weights_hash()}"
+    from realtime_avatar.avatar import avatar_cache_root
+
+    folder = avatar_cache_root() / "avatars" / f"gpu-check-{model.weights_hash()}"
     avatar = load_or_prepare_avatar(default_avatar_source(), folder, model, AvatarSettings(idle_seconds=0.4),
                                     progress=False)
     return model, weights, avatar, str(folder)
