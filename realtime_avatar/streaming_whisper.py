@@ -265,7 +265,7 @@ class StreamingWhisper:
                     yield await asyncio.to_thread(self.run, plan)
                 else:
                     t0 = time.monotonic()
-                    mel = self.window_mel(plan)
+                    mel = await asyncio.to_thread(self.window_mel, plan)  # the STFT, off the loop
                     states = await self.batcher.encode(mel, plan.start - plan.segment_start, self.config.layout)
                     yield self.finish_run(plan, states, t0)
                 continue
