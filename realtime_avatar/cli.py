@@ -212,9 +212,15 @@ def cmd_serve(args) -> int:
           f"{config.streaming.window_s:g} s / hop {config.streaming.hop_s:g} s / lookahead "
           f"{config.streaming.lookahead_s:g} s, output delay {1000 * config.output_delay_s:.0f} ms", file=sys.stderr)
     print(f"open http://{args.host}:{args.port}/ in a browser (Ctrl+C to stop)", file=sys.stderr)
+    async def serve() -> None:
+        try:
+            await run_server(args.host, args.port, session_factory=factory,
+                             max_sessions=args.max_sessions, token=args.token)
+        finally:
+            await runtime.close()  # the engine's tick loops, after every session has closed
+
     try:
-        asyncio.run(run_server(args.host, args.port, session_factory=factory,
-                               max_sessions=args.max_sessions, token=args.token))
+        asyncio.run(serve())
     except KeyboardInterrupt:
         pass
     return 0

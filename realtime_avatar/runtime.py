@@ -69,6 +69,14 @@ class Runtime:
     def device(self) -> torch.device:
         return self.engine.device
 
+    async def close(self) -> None:
+        """Stop the engine's and the encoder batcher's tick loops on this event loop (their
+        waiting requests are cancelled). Sessions close first; the weights stay loaded."""
+        await self.engine.close()
+        batcher = getattr(self.renderer, "encoder_batcher", None)
+        if batcher is not None:
+            await batcher.close()
+
     @property
     def streaming(self) -> StreamingConfig:
         return model_streaming_config(self.model)[0]
