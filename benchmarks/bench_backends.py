@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-from realtime_avatar.engines import BackendModel, OnnxRuntimeRunner, example_inputs, select_backend
+from export.engine_build import select_or_build  # noqa: E402
+from realtime_avatar.engines import BackendModel, OnnxRuntimeRunner, example_inputs
 from realtime_avatar.models.compact import CompactModel, CompactNet
 
 BACKENDS = ("torch-fp32", "torch-bf16-cl", "ort-fp32", "ort-fp32-spin")
@@ -66,7 +67,7 @@ def make_renderers(model: CompactModel, backends: list[str], engines_dir: Path, 
             renderers[backend] = copy_model(model, precision="bf16", channels_last=True).render
         elif backend in ("ort-fp32", "ort-fp32-spin"):
             if onnx_engine is None:
-                onnx_engine = select_backend(model, "onnx", engines_dir, precision="fp32", threads=threads)
+                onnx_engine = select_or_build(model, "onnx", engines_dir, precision="fp32", threads=threads)
             if backend == "ort-fp32":
                 renderers[backend] = onnx_engine.render
             else:

@@ -153,12 +153,13 @@ def backends_for(model, threads: int, quick: bool) -> tuple[dict, dict]:
         out["torch-bf16"] = CompactModel(_copy_net(model.net), precision="bf16", channels_last=True,
                                          notes=model.notes)
     try:
-        from realtime_avatar.engines import EngineError, select_backend
+        from export.engine_build import select_or_build
+        from realtime_avatar.engines import EngineError
     except ImportError as exc:
         skipped["onnx"] = f"realtime_avatar.engines not importable ({exc})"
         return out, skipped
     try:
-        out["onnx"] = select_backend(model, "onnx", threads=threads)
+        out["onnx"] = select_or_build(model, "onnx", threads=threads)
     except (EngineError, ImportError, OSError) as exc:
         skipped["onnx"] = str(exc)
     return out, skipped

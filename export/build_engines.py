@@ -9,7 +9,7 @@ tensorrt  one TensorRT engine per --batch entry, each with a static batch profil
           hosts with TensorRT only; on other machines this says so and exits with status 2).
 
 Every engine is checked by the accuracy gate against the torch model before it is kept as
-usable (see realtime_avatar/engines.py); then each batch size is timed against the torch
+usable (see export/engine_build.py and realtime_avatar/engines.py); then each batch size is timed against the torch
 model on the same device. Prints one JSON object, then a table. Exit status: 0 when every
 engine passed its gate, 1 when one was refused or failed to build, 2 when the backend
 cannot run here.
@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from export.engine_build import build_engine
 from realtime_avatar.engines import (
     BackendModel,
     EngineError,
@@ -94,11 +95,13 @@ def build_and_time(args: argparse.Namespace, model) -> tuple[list[dict], bool]:
         try:
             if args.backend == "tensorrt":
                 engine: BackendModel = load_tensorrt_backend(
-                    model, args.engines_dir, precision=args.precision, batch_size=profile, rebuild=args.rebuild
+                    model, args.engines_dir, precision=args.precision, batch_size=profile, rebuild=args.rebuild,
+                    builder=build_engine,
                 )
             else:
                 engine = load_onnx_backend(
-                    model, args.engines_dir, precision=args.precision, rebuild=args.rebuild, threads=args.threads
+                    model, args.engines_dir, precision=args.precision, rebuild=args.rebuild, threads=args.threads,
+                    builder=build_engine,
                 )
         except EngineError as exc:
             print(f"engine {args.backend} batch {profile or 'dynamic'}: {exc}", file=sys.stderr)

@@ -11,10 +11,10 @@ The output stays in the family's range (compact: BGR in [0, 1]; MuseTalk: RGB in
 that the run time turns it into uint8 with the family's own function: an engine then rounds
 exactly as the torch model does, and the accuracy gate compares like with like.
 
-The graph itself is `realtime_avatar.engines.render_graph` (the run time needs it too: it is
-the accuracy gate's torch reference). The batch dimension is dynamic; TensorRT turns it into
-a static profile when it builds an engine from this file (engines.build_tensorrt_engine,
-driven by export/build_engines.py or on first use). We use the TorchScript exporter
+The graph itself is `realtime_avatar.engine_gate.render_graph` (the run time needs it too: it
+is the accuracy gate's torch reference). The batch dimension is dynamic; TensorRT turns it into
+a static profile when it builds an engine from this file (export/engine_build.py, driven by
+export/build_engines.py or by select_or_build on first use). We use the TorchScript exporter
 (`dynamo=False`, opset 17): the dynamo exporter needs onnxscript, which we do not install.
 fp16 files are made from the fp32 export with onnxruntime's float16 converter, keeping
 float32 inputs and outputs so that every engine has the same interface.

@@ -994,7 +994,7 @@ def prepare_main(args: argparse.Namespace) -> int:
     from realtime_avatar.models.registry import load_model
 
     source = args.source if args.source is not None else default_avatar_source()
-    model = load_model(args.model, allow_random=args.allow_random_weights)
+    model = load_model(args.model, allow_random=args.allow_random_weights, device=getattr(args, "torch_device", "cpu"))
     settings = settings_from_args(
         args,
         max_seconds=args.max_seconds,

@@ -30,6 +30,17 @@ def _streaming_args(p: argparse.ArgumentParser) -> None:
                         "(offline copy, converted once) (default tiny.en)")
 
 
+def _device_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("compute device")
+    g.add_argument("--device", default="auto", metavar="auto|cpu|cuda[:N]",
+                   help="where the Whisper encoder, the renderer and the frame compose run: auto = the "
+                        "first CUDA GPU when torch sees one, else the CPU (logged); cuda without a GPU "
+                        "is an error (default auto)")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="renderer precision: auto = fp16 on CUDA, fp32 on CPU; bf16 where the CPU has "
+                        "fast bf16 (check with benchmarks/bench_frame_engine.py) (default auto)")
+
+
 def _streaming_config(args):
     from .streaming_whisper import StreamingConfig
 
@@ -86,11 +97,11 @@ def cmd_features(args) -> int:
     from .audio_sources import MicrophoneSource, read_audio_file
     from .whisper_weights import load_whisper
 
-    encoder = load_whisper(args.whisper).encoder
+    encoder = load_whisper(args.whisper, device=args.torch_device).encoder
     config = _streaming_config(args)
     if args.mic:
         async def feed(ring, arrived):
-            with MicrophoneSource(ring, device=args.device):
+            with MicrophoneSource(ring, device=_input_device(args.input_device)):
                 end = time.monotonic() + args.seconds
                 while time.monotonic() < end:
                     arrived[ring.write_index] = time.monotonic()
@@ -137,10 +148,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     add_face_arguments(p)  # --face, --face-box, --background: how an image/video --avatar is prepared
     p.add_argument("--whisper", default="tiny.en", help="Whisper weights (default tiny.en, offline copy)")
     p.add_argument("--batch", type=int, default=8, help="frames per model call (default 8)")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx", "tensorrt"],
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx", "tensorrt", "compiled"],
                    help="where the UNet and decoder run: auto picks the fastest engine that passes its "
                         "accuracy gate on this machine (TensorRT on a GPU, else ONNX Runtime, else torch); "
-                        "engines are built once and cached in engines/ (default auto)")
+                        "engines are built once and cached in engines/; compiled = torch.compile with CUDA "
+                        "graphs of model + compose per batch bucket, compiled and gated at startup (CUDA "
+                        "only: on a CPU the same torch code runs eagerly) (default auto)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
 
 
@@ -150,7 +163,13 @@ def _runtime(args):
 
     return load_runtime(args.model, args.avatar, args.whisper, allow_random=args.allow_random_weights,
                         backend=args.backend, batch_size=args.batch, threads=args.threads,
-                        avatar_settings=settings_from_args(args))
+                        avatar_settings=settings_from_args(args),
+                        device=args.torch_device, precision=None if args.precision == "auto" else args.precision)
+
+
+def _input_device(value: str | None):
+    """A microphone given by index (digits) or by name."""
+    return int(value) if value is not None and value.isdigit() else value
 
 
 def cmd_prepare(args) -> int:
@@ -198,9 +217,15 @@ def cmd_serve(args) -> int:
           f"{config.streaming.window_s:g} s / hop {config.streaming.hop_s:g} s / lookahead "
           f"{config.streaming.lookahead_s:g} s, output delay {1000 * config.output_delay_s:.0f} ms", file=sys.stderr)
     print(f"open http://{args.host}:{args.port}/ in a browser (Ctrl+C to stop)", file=sys.stderr)
+    async def serve() -> None:
+        try:
+            await run_server(args.host, args.port, session_factory=factory,
+                             max_sessions=args.max_sessions, token=args.token)
+        finally:
+            await runtime.close()  # the engine's tick loops, after every session has closed
+
     try:
-        asyncio.run(run_server(args.host, args.port, session_factory=factory,
-                               max_sessions=args.max_sessions, token=args.token))
+        asyncio.run(serve())
     except KeyboardInterrupt:
         pass
     return 0
@@ -311,7 +336,7 @@ def cmd_live(args) -> int:
         return 2
     runtime = _runtime(args)
     config = SessionConfig(streaming=runtime.streaming, batch_size=args.session_batch)
-    device = int(args.device) if args.device is not None and args.device.isdigit() else args.device
+    device = _input_device(args.input_device)
     print("listening: speak into the microphone (Ctrl+C to stop)", file=sys.stderr)
     try:
         stats = asyncio.run(run_live(runtime, config, device, args.seconds, Path(args.record) if args.record else None,
@@ -338,10 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--audio", help="audio or video file (anything FFmpeg decodes); default: built-in sample")
     src.add_argument("--mic", action="store_true", help="use the default microphone (needs the 'mic' extra)")
-    p.add_argument("--device", default=None, help="microphone device name or index (with --mic)")
+    p.add_argument("--input-device", default=None, help="microphone device name or index (with --mic)")
     p.add_argument("--seconds", type=float, default=10.0, help="how long to listen with --mic (default 10)")
     p.add_argument("--fast", action="store_true", help="feed the file as fast as possible, not in real time")
     _streaming_args(p)
+    _device_args(p)
     p.set_defaults(func=cmd_features)
 
     from .avatar import add_prepare_arguments
@@ -350,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Detect the face in every frame, crop it, encode the model's latents and "
                                    "the blending masks, and cache it all in a versioned directory.")
     add_prepare_arguments(p)
+    _device_args(p)
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("render", help="render an audio file into an MP4 of the avatar speaking it",
@@ -358,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="out/avatar.mp4", help="output MP4 (default out/avatar.mp4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _model_args(p)
+    _device_args(p)
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("serve", help="serve the avatar over WebRTC (browser page, /offer, WHIP, /metrics)",
@@ -369,12 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session-batch", type=int, default=4,
                    help="frames per model call in live sessions (default 4: 160 ms of video)")
     _model_args(p)
+    _device_args(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("live", help="microphone -> avatar on this machine, with a preview, optionally recorded to MP4",
                        description=cmd_live.__doc__)
     p.add_argument("--mic", action="store_true", help="use the microphone (the default and only live input)")
-    p.add_argument("--device", default=None, help="input device index or name (see --list-devices)")
+    p.add_argument("--input-device", default=None, help="microphone: input device index or name (see --list-devices)")
     p.add_argument("--list-devices", action="store_true", help="list input devices and exit")
     p.add_argument("--seconds", type=float, default=None, help="stop after this many seconds (default: Ctrl+C)")
     p.add_argument("--record", default=None, help="write the avatar video with its audio to this MP4")
@@ -384,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview-port", type=int, default=8080, help="port of the preview page (default 8080)")
     p.add_argument("--session-batch", type=int, default=4, help="frames per model call (default 4)")
     _model_args(p)
+    _device_args(p)
     p.set_defaults(func=cmd_live)
     return parser
 
@@ -398,6 +428,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .audio_sources import AudioSourceError
     from .avatar import AvatarError
+    from .device import DeviceUnavailable, choose_device
+
+    try:
+        # resolved once, before anything loads: a missing GPU is one line and exit 2
+        args.torch_device = choose_device(args.device)
+    except DeviceUnavailable as e:
+        print(f"realtime-avatar {args.command}: {e}", file=sys.stderr)
+        return 2
     from .engines import EngineError
     from .models.registry import ModelLoadError
     from .whisper_weights import WhisperWeightsError

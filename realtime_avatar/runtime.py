@@ -26,6 +26,9 @@ from .avatar import (
     load_or_prepare_avatar,
     read_manifest,
 )
+from .device import choose_device, choose_precision
+from .encoder_batching import EncoderBatcher
+from .frame_engine import FrameEngine
 from .models.base import RendererModel
 from .models.registry import load_model
 from .renderer import AvatarRenderer, silence_window
@@ -58,6 +61,23 @@ class Runtime:
     renderer: AvatarRenderer
 
     @property
+    def engine(self) -> FrameEngine:
+        """The process's FrameEngine: every session's frames are rendered through it."""
+        return self.renderer.engine
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    async def close(self) -> None:
+        """Stop the engine's and the encoder batcher's tick loops on this event loop (their
+        waiting requests are cancelled). Sessions close first; the weights stay loaded."""
+        await self.engine.close()
+        batcher = getattr(self.renderer, "encoder_batcher", None)
+        if batcher is not None:
+            await batcher.close()
+
+    @property
     def streaming(self) -> StreamingConfig:
         return model_streaming_config(self.model)[0]
 
@@ -69,7 +89,7 @@ class Runtime:
     def describe(self) -> str:
         a = self.avatar
         return (f"model {self.model.model_id} ({self.model.weights_hash()[:12]}), avatar {a.path} "
-                f"({a.num_frames} frames {a.frame_shape[1]}x{a.frame_shape[0]})")
+                f"({a.num_frames} frames {a.frame_shape[1]}x{a.frame_shape[0]}), {self.engine.describe()}")
 
 
 def resolve_avatar(avatar: str | Path | None, model: RendererModel, progress: bool = True,
@@ -97,19 +117,35 @@ def load_runtime(
     threads: int | None = None,
     progress: bool = True,
     avatar_settings: AvatarSettings | None = None,
+    device: str | torch.device = "auto",
+    precision: str | None = None,
+    frame_format: str = "bgr24",
 ) -> Runtime:
+    """Load everything sessions share. device: "auto" | "cpu" | "cuda[:N]" (device.choose_device:
+    raises DeviceUnavailable for a device this machine lacks); precision: None = fp16 on CUDA,
+    fp32 on CPU, or "fp32" | "fp16" | "bf16"; backend: "auto" | "torch" | "onnx" | "tensorrt" |
+    "compiled" (torch.compile with CUDA graphs per batch bucket; eager on a CPU). The Whisper
+    encoder, the renderer model and the compose step all run on the device; with "compiled" the
+    buckets are compiled and gated here, before anything is served."""
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    encoder = load_whisper(whisper).encoder
-    renderer_model = load_model(model, allow_random=allow_random)
-    if backend != "torch":
+    target = choose_device(device)
+    precision = choose_precision(precision, target)
+    encoder = load_whisper(whisper, device=target).encoder
+    renderer_model = load_model(model, device=target, allow_random=allow_random)
+    step = "compiled" if backend == "compiled" else "torch"
+    if backend not in ("torch", "compiled"):
         from .engines import select_backend
 
         # encode() stays the torch model's (avatar preparation); render() runs on the engine
         renderer_model = select_backend(renderer_model, backend, batch_size=batch_size, threads=threads)
     prepared = resolve_avatar(avatar, renderer_model, progress, avatar_settings)
-    renderer = AvatarRenderer(renderer_model, prepared, silence_window(encoder), batch_size=batch_size)
+    engine = FrameEngine(renderer_model, target, precision, step=step, frame_format=frame_format)
+    renderer = AvatarRenderer(renderer_model, prepared, silence_window(encoder), batch_size=batch_size, engine=engine)
+    # the Whisper windows of all sessions, one encoder call per tick (owned here, like the engine)
+    renderer.encoder_batcher = EncoderBatcher(encoder)
+    engine.warm_up()  # compiled: every bucket captured and gated before the server is healthy
     runtime = Runtime(encoder, renderer_model, prepared, renderer)
     log.info("runtime ready in %.1f s: %s", time.perf_counter() - t0, runtime.describe())
     return runtime

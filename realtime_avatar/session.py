@@ -3,7 +3,8 @@
     push_audio ──> PcmPushSource ──> AudioRing (16 kHz, the input clock)
                                         │
     _features_loop: StreamingWhisper.stream() ──> StreamingFrameWindows ──> render queue
-    _render_loop:   batches of windows ──> AvatarRenderer (worker thread) ──> rendered frames
+    _render_loop:   batches of windows ──> AvatarRenderer ──> FrameEngine (one batch per tick
+                    for all sessions, on the device) ──> rendered frames
     _clock_loop:    every 40 ms, PlaybackScheduler picks the input frame for the tick and
                     emits its video frame and its 40 ms of audio together ──> tracks
 
@@ -122,7 +123,9 @@ class AvatarSession:
         self.renderer = renderer
         self.ring = AudioRing(int(config.ring_seconds * SAMPLE_RATE))
         self.input = PcmPushSource(self.ring)
-        self.whisper = StreamingWhisper(encoder, self.ring, config.streaming)
+        # the runtime's EncoderBatcher (when it has one) encodes all sessions' windows per tick
+        self.whisper = StreamingWhisper(encoder, self.ring, config.streaming,
+                                        batcher=getattr(renderer, "encoder_batcher", None))
         self.windows = StreamingFrameWindows()
         self.scheduler = PlaybackScheduler(config.output_delay_s, config.max_backlog_s)
         self.video_track = SessionTrack("video")
@@ -246,7 +249,8 @@ class AvatarSession:
             poses = [(fa.index + self._tick_offset) % cycle for fa in speech]
             windows = np.stack([fa.window for fa in speech])
             started = time.perf_counter()
-            images = await asyncio.to_thread(self.renderer.render, poses, windows)
+            # the process's FrameEngine batches these with every other session's (one call per tick)
+            images = await self.renderer.render_async(poses, windows)
             if self.metrics_sink is not None:
                 self.metrics_sink.observe_render(len(poses), time.perf_counter() - started)
             for fa, image in zip(speech, images):

@@ -231,6 +231,33 @@ def test_bench_sustained_tracks_frames_offsets_and_memory(bench, results, tmp_pa
     results["sustained"] = out
 
 
+def test_bench_frame_engine_measures_throughput_sessions_and_webrtc(bench, tmp_path, capsys):
+    out = run_quick("bench_frame_engine", ["--sessions", "1,2", "--seconds", "1", "--batches", "1,2",
+                                           "--webrtc", "2", "--webrtc-seconds", "3"], bench, tmp_path, capsys)
+    run = out["runs"][0]
+    assert (run["device"], run["backend"], run["frame_format"]) == ("cpu", "torch", "bgr24")
+    assert [r["batch"] for r in run["throughput"]] == [1, 2] and all(r["frames_per_s"] > 0 for r in run["throughput"])
+    assert run["synthetic"][0]["sessions"] == 1 and run["synthetic"][0]["min_session_fps"] > 0
+    if not __import__("torch").cuda.is_available():
+        assert any("no CUDA GPU" in s for s in out["skipped"])
+    webrtc = out["webrtc"]
+    assert webrtc["sessions"] == 2 and len(webrtc["server_fps"]) == 2 and all(f > 0 for f in webrtc["client_fps"])
+    assert webrtc["sessions_open_at_end"] == 2 and len(webrtc["rendered_frames"]) == 2
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_on_a_cpu_and_says_there_is_no_gpu(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--quick",
+                           "--carry", str(tmp_path / "none"), "--out", str(tmp_path / "gpu.json")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    if not result["environment"]["cuda"]:
+        assert "no CUDA GPU visible" in done.stdout
+        assert result["tests"] and all(t["outcome"] == "skipped" for t in result["tests"])
+    assert "frame engine" in done.stdout and result["benchmark"]
+
+
 def test_run_all_writes_the_report(results, tmp_path):
     """The suite's report from the runs above (the ones that ran in this session)."""
     import run_all

@@ -20,6 +20,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from export.engine_build import select_or_build
 from export.onnx_export import export_onnx
 from realtime_avatar.engines import (
     ENGINES_ENV,
@@ -122,7 +123,7 @@ def engines_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def compact_onnx(compact, engines_root) -> BackendModel:
-    return select_backend(compact, "onnx", engines_root)
+    return select_or_build(compact, "onnx", engines_root)
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +220,7 @@ def test_manifest_records_what_the_engine_is(compact, compact_onnx, engines_root
 def test_second_call_reuses_the_cached_engine(compact, compact_onnx, engines_root):
     folder = engine_folder(engines_root, compact)
     before = file_identity(folder / ONNX_FILE), (folder / MANIFEST_NAME).read_text()
-    again = select_backend(compact, "onnx", engines_root, build_missing=False)
+    again = select_backend(compact, "onnx", engines_root)
     assert (file_identity(folder / ONNX_FILE), (folder / MANIFEST_NAME).read_text()) == before
     assert again.gate.passed  # the gate runs on every load, not only at build
     assert_matches_torch(compact, again, 2, seed=13)
@@ -229,7 +230,7 @@ def test_engine_is_rebuilt_when_the_weights_or_onnxruntime_change(compact, compa
     # new weights -> new hash -> an engine of its own; the old one stays for the old weights
     changed = contrasty_compact(seed=1)
     assert changed.weights_hash() != compact.weights_hash()
-    engine = select_backend(changed, "onnx", engines_root)
+    engine = select_or_build(changed, "onnx", engines_root)
     assert engine.engine_dir == engine_folder(engines_root, changed) != engine_folder(engines_root, compact)
     assert_matches_torch(changed, engine, 2, seed=14)
 
@@ -241,16 +242,16 @@ def test_engine_is_rebuilt_when_the_weights_or_onnxruntime_change(compact, compa
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
     old_file = file_identity(folder / ONNX_FILE)
     with pytest.raises(BackendUnavailable, match="built with onnxruntime 1.0.0"):
-        select_backend(compact, "onnx", root, build_missing=False)
-    rebuilt = select_backend(compact, "onnx", root)
+        select_backend(compact, "onnx", root)
+    rebuilt = select_or_build(compact, "onnx", root)
     assert file_identity(folder / ONNX_FILE) != old_file
     assert EngineManifest.read(folder).onnxruntime_version == rebuilt.manifest.onnxruntime_version != "1.0.0"
 
 
 def test_missing_engine_without_building_says_how_to_build(compact, tmp_path):
     with pytest.raises(BackendUnavailable, match="export.build_engines"):
-        select_backend(compact, "onnx", tmp_path, build_missing=False)
-    assert select_backend(compact, "auto", tmp_path, build_missing=False).backend_name == "torch"
+        select_backend(compact, "onnx", tmp_path)
+    assert select_backend(compact, "auto", tmp_path).backend_name == "torch"
 
 
 # --------------------------------------------------------------------------- accuracy gate
@@ -266,14 +267,14 @@ def test_gate_refuses_an_engine_with_perturbed_weights(compact, compact_onnx, en
     assert gate.psnr_db < GATE_THRESHOLDS["fp32"].min_psnr_db and gate.max_abs_error > 16
 
     with pytest.raises(EngineRejected, match="accuracy gate FAILED"):
-        select_backend(compact, "onnx", root, build_missing=False)
+        select_backend(compact, "onnx", root)
     with caplog.at_level(logging.INFO, logger="realtime_avatar.engines"):
-        fallback = select_backend(compact, "auto", root, build_missing=False)
+        fallback = select_backend(compact, "auto", root)
     assert fallback.backend_name == "torch" and "accuracy gate FAILED" in fallback.reason
     assert "renderer backend torch" in caplog.text
 
     # it passed its gate when built, so a damaged file is rebuilt when building is allowed
-    repaired = select_backend(compact, "onnx", root)
+    repaired = select_or_build(compact, "onnx", root)
     assert repaired.gate.passed
     assert_matches_torch(compact, repaired, 1, seed=15)
 
@@ -285,9 +286,9 @@ def test_a_damaged_engine_file_is_refused_then_rebuilt(compact, compact_onnx, en
     (folder / ONNX_FILE).write_bytes(data[: len(data) // 2])  # an interrupted copy
 
     with pytest.raises(EngineBuildError, match="ONNX Runtime cannot load it"):
-        select_backend(compact, "onnx", root, build_missing=False)
-    assert select_backend(compact, "auto", root, build_missing=False).backend_name == "torch"
-    rebuilt = select_backend(compact, "onnx", root)
+        select_backend(compact, "onnx", root)
+    assert select_backend(compact, "auto", root).backend_name == "torch"
+    rebuilt = select_or_build(compact, "onnx", root)
     assert rebuilt.gate.passed and (folder / ONNX_FILE).stat().st_size > len(data) // 2
 
 
@@ -323,7 +324,7 @@ def test_auto_picks_onnx_on_this_machine(compact, compact_onnx, engines_root, ca
     if tensorrt_unavailable_reason() is None:
         pytest.skip("TensorRT and a GPU are present: auto picks tensorrt there")
     with caplog.at_level(logging.INFO, logger="realtime_avatar.engines"):
-        chosen = select_backend(compact, "auto", engines_root)
+        chosen = select_or_build(compact, "auto", engines_root)
     assert chosen.backend_name == "onnx" and chosen.gate.passed
     assert "tensorrt: TensorRT is not installed / no CUDA GPU" in chosen.reason
     assert "renderer backend onnx" in caplog.text and "CPUExecutionProvider" in caplog.text
@@ -333,7 +334,7 @@ def test_tensorrt_here_is_a_clear_error(compact, tmp_path):
     if tensorrt_unavailable_reason() is None:
         pytest.skip("TensorRT and a GPU are present")
     with pytest.raises(BackendUnavailable, match="TensorRT is not installed / no CUDA GPU: use --backend onnx or torch"):
-        select_backend(compact, "tensorrt", tmp_path)
+        select_or_build(compact, "tensorrt", tmp_path)
     assert not any(tmp_path.iterdir())  # nothing half-built left behind
 
 
@@ -346,12 +347,12 @@ def test_engines_folder_follows_the_environment(monkeypatch, tmp_path):
 
 
 def test_torch_backend_is_the_model_itself(compact):
-    chosen = select_backend(compact, "torch")
+    chosen = select_or_build(compact, "torch")
     assert chosen.backend_name == "torch" and chosen.gate is None
     latents, audio = example_inputs(compact, 2, seed=16)
     np.testing.assert_array_equal(chosen.render(latents, audio), compact.render(latents, audio))
     with pytest.raises(ValueError, match="backend must be one of"):
-        select_backend(compact, "tensorrt-fp16")
+        select_or_build(compact, "tensorrt-fp16")
 
 
 # ------------------------------------------------------------------------- MuseTalk (reduced)
@@ -359,7 +360,7 @@ def test_torch_backend_is_the_model_itself(compact):
 
 @pytest.mark.slow
 def test_onnx_matches_torch_musetalk_reduced_width(musetalk, tmp_path):
-    engine = select_backend(musetalk, "onnx", tmp_path)
+    engine = select_or_build(musetalk, "onnx", tmp_path)
     assert engine.backend_name == "onnx" and engine.gate.passed
 
     latents, audio = example_inputs(musetalk, 1, seed=22)
@@ -406,7 +407,7 @@ def test_build_engines_cli_tensorrt_here_exits_with_a_clear_message(tmp_path, ca
 def test_avatar_renderer_on_the_onnx_engine_gives_the_same_frames(runtime, tmp_path):
     from realtime_avatar.renderer import AvatarRenderer, silence_window
 
-    engine = select_backend(runtime.model, "auto", tmp_path)
+    engine = select_or_build(runtime.model, "auto", tmp_path)
     assert engine.backend_name == ("onnx" if tensorrt_unavailable_reason() else "tensorrt")
     runtime.avatar.check_model(engine)  # the avatar's latents are keyed by the same weights
     renderer = AvatarRenderer(engine, runtime.avatar, silence_window(runtime.encoder), batch_size=4)
@@ -418,3 +419,17 @@ def test_avatar_renderer_on_the_onnx_engine_gives_the_same_frames(runtime, tmp_p
     got = renderer.render_batched(positions, windows)
     for want, have in zip(expected, got):
         assert want.shape == have.shape and np.abs(want.astype(int) - have).max() <= 1
+
+
+def test_run_time_code_never_imports_build_time_code():
+    """realtime_avatar/ loads and selects engines; export/ builds them (no import back)."""
+    import ast
+
+    package = Path(__file__).resolve().parent.parent / "realtime_avatar"
+    offenders = []
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            offenders += [f"{path.name}: {n}" for n in names if n == "export" or n.startswith("export.")]
+    assert not offenders, offenders

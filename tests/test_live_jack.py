@@ -109,7 +109,7 @@ def test_live_microphone_with_a_window_preview(jackd, tmp_path, x_display):
     with SpeechIntoMicrophone(jackd, device, speech) as player:
         before = set(player.client_ports("input"))
         child = subprocess.Popen(
-            [sys.executable, "-m", "realtime_avatar.cli", "live", "--mic", "--device", str(device),
+            [sys.executable, "-m", "realtime_avatar.cli", "live", "--mic", "--input-device", str(device),
              "--preview", "window", "--seconds", f"{player.seconds + 4.0:.1f}"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )

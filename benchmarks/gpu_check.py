@@ -1,0 +1,283 @@
+"""One command for a lent GPU machine: the CUDA-marked tests and the frame-engine benchmark.
+
+    # here (the dev machine, once): carry what a bare CUDA + PyTorch image lacks
+    .venv/bin/python benchmarks/gpu_check.py --pack gpu_check_carry
+    # there (Python 3.12, torch + CUDA, numpy, OpenCV; no network, no downloads)
+    python benchmarks/gpu_check.py --carry gpu_check_carry --out $OUT/gpu_check.json
+
+Under 5 minutes on an H200 (compiling the buckets is most of it; --quick for less). It never
+downloads anything. What a bare image may lack, and what happens then:
+
+    pytest, pluggy, iniconfig, packaging,   pure Python: copied into the carry folder by --pack
+    openai-whisper, tqdm
+    numba, tiktoken (whisper's imports     replaced by empty stand-ins: only the transcription
+      for transcription, not the encoder)  code whisper never runs here uses them
+    mediapipe (avatar preparation)         the avatars are prepared here and carried, one per
+                                           weights the run may use (trained / seeded random)
+    safetensors (trained weights)          the seeded random compact model (same network, same
+                                           compute; the CPU reference uses the same weights)
+    PyAV, aiortc (WebRTC)                  not needed: no network part runs there
+
+Without CUDA (as on the dev machine) it runs anyway: the CUDA tests report skipped, the
+benchmark runs a short CPU pass, and the table says there was no GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+import types
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+PURE_PYTHON = ("pytest", "_pytest", "pluggy", "iniconfig", "packaging", "whisper", "tqdm", "more_itertools", "py.py")
+STAND_INS = ("numba", "tiktoken")  # imported by whisper's transcription code only
+OPTIONAL = ("whisper", "mediapipe", "safetensors", "av", "aiortc", "onnxruntime", "pytest", "cv2")
+AVATAR_ENV = "REALTIME_AVATAR_GPU_CHECK_AVATAR"
+CUDA_TESTS = "tests/test_frame_engine_cuda.py"
+
+
+# -- packing (dev machine) ----------------------------------------------------------------------
+
+
+def pack(folder: Path) -> None:
+    """Copy the pure-Python packages and one prepared avatar per model weights into `folder`."""
+    import torch
+
+    from realtime_avatar.avatar import AvatarSettings, default_avatar_source, load_or_prepare_avatar
+    from realtime_avatar.models.compact import CompactModel
+    from realtime_avatar.models.registry import DEFAULT_COMPACT_WEIGHTS, load_model
+
+    site = folder / "site"
+    site.mkdir(parents=True, exist_ok=True)
+    for name in PURE_PYTHON:
+        spec = importlib.util.find_spec(name.removesuffix(".py"))
+        if spec is None or spec.origin is None:
+            print(f"  {name}: not installed here, not carried")
+            continue
+        src = Path(spec.origin)
+        src = src.parent if src.name == "__init__.py" else src
+        dst = site / src.name
+        if dst.exists():
+            shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
+    torch.set_num_threads(2)
+    models = [CompactModel.random(seed=0)]
+    if DEFAULT_COMPACT_WEIGHTS.is_file():
+        models.append(load_model("default"))
+    for model in models:
+        out = folder / f"avatar-{model.weights_hash()}"
+        load_or_prepare_avatar(default_avatar_source(), out, model, AvatarSettings(idle_seconds=0.4), progress=False)
+        print(f"  avatar for {model.model_id} {model.weights_hash()}: {out}")
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    print(f"packed {folder} ({size / 2**20:.1f} MiB)")
+
+
+# -- environment ----------------------------------------------------------------------------------
+
+
+def use_carry(folder: Path | None) -> list[str]:
+    """Put the carried packages after the installed ones on sys.path; stand in for numba and
+    tiktoken when missing. Returns what was stood in for."""
+    if folder is not None and (folder / "site").is_dir():
+        sys.path.append(str(folder / "site"))
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(folder / "site")]))
+    stood_in = []
+    for name in STAND_INS:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            module = types.ModuleType(name)
+            module.jit = lambda *a, **k: (lambda f: f)  # numba.jit(...) as a decorator
+            sys.modules[name] = module
+            stood_in.append(name)
+    return stood_in
+
+
+def environment() -> dict:
+    import numpy
+    import torch
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
+           "cuda": torch.cuda.is_available()}
+    if env["cuda"]:
+        env["gpu"] = torch.cuda.get_device_name(0)
+        env["cuda_version"] = torch.version.cuda
+    for name in OPTIONAL:
+        try:
+            module = importlib.import_module(name)
+            env[name] = getattr(module, "__version__", "yes")
+        except Exception as exc:  # noqa: BLE001 - any failure means "not usable here"
+            env[name] = f"missing ({type(exc).__name__})"
+    return env
+
+
+def model_and_avatar(carry: Path | None):
+    """The compact model (trained when safetensors and the weights are here, else seeded
+    random) and a prepared avatar for exactly those weights (carried, or prepared here)."""
+    from realtime_avatar.avatar import AvatarSettings, default_avatar_source, load_avatar, load_or_prepare_avatar
+    from realtime_avatar.models.compact import CompactModel
+
+    model = None
+    try:
+        from realtime_avatar.models.registry import DEFAULT_COMPACT_WEIGHTS, load_model
+
+        if DEFAULT_COMPACT_WEIGHTS.is_file():
+            model = load_model("default")
+    except ImportError:
+        pass
+    weights = "trained"
+    if model is None:
+        model, weights = CompactModel.random(seed=0), "random (seeded)"
+    packed = carry / f"avatar-{model.weights_hash()}" if carry is not None else None
+    if packed is not None and packed.is_dir():
+        return model, weights, load_avatar(packed), str(packed)
+    try:
+        import mediapipe  # noqa: F401
+    except ImportError:
+        return model, weights, None, "no carried avatar for these weights and no mediapipe to prepare one"
+    from realtime_avatar.avatar import avatar_cache_root
+
+    folder = avatar_cache_root() / "avatars" / f"gpu-check-{model.weights_hash()}"
+    avatar = load_or_prepare_avatar(default_avatar_source(), folder, model, AvatarSettings(idle_seconds=0.4),
+                                    progress=False)
+    return model, weights, avatar, str(folder)
+
+
+# -- the two parts --------------------------------------------------------------------------------
+
+
+class _Collect:
+    """A pytest plugin that keeps each test's outcome."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def pytest_runtest_logreport(self, report) -> None:
+        if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+            reason = ""
+            if report.skipped and isinstance(report.longrepr, tuple):
+                reason = report.longrepr[2]
+            elif report.failed:
+                reason = str(report.longrepr).strip().splitlines()[-1][:160]
+            self.rows.append({"test": report.nodeid.split("::")[-1], "outcome": report.outcome,
+                              "seconds": round(report.duration, 2), "detail": reason})
+
+
+def run_cuda_tests(avatar_dir: str | None) -> list[dict]:
+    try:
+        import pytest
+    except ImportError:
+        return [{"test": CUDA_TESTS, "outcome": "not run", "seconds": 0, "detail": "pytest is not importable"}]
+    if avatar_dir:
+        os.environ[AVATAR_ENV] = avatar_dir
+    collect = _Collect()
+    pytest.main([str(REPO / CUDA_TESTS), "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+                 "-W", "ignore::pytest.PytestConfigWarning"], plugins=[collect])
+    return collect.rows
+
+
+def run_benchmark(model, avatar, cuda: bool, quick: bool, deadline: float) -> list[dict]:
+    import numpy as np
+    import torch
+
+    from bench_frame_engine import synthetic, throughput
+    from realtime_avatar.frame_engine import FrameEngine
+
+    windows = torch.randn(256, 50, 384, generator=torch.Generator().manual_seed(0)).numpy().astype(np.float32)
+    if cuda:
+        import copy
+
+        from realtime_avatar.models.compact import CompactModel
+
+        configs = [("cuda", "torch", "bgr24"), ("cuda", "compiled", "bgr24"), ("cuda", "compiled", "yuv420p")]
+        batches = [1, 8, 32, 64, 256] if not quick else [1, 32, 256]
+        levels = [1, 16, 64, 256, 512, 1024]
+        seconds, per_batch = (5.0, 1.0) if not quick else (2.0, 0.3)
+    else:
+        configs = [("cpu", "torch", "bgr24")]
+        batches, levels, seconds, per_batch = [1, 4], [1, 2], 2.0, 0.3
+    rows = []
+    for device, step, fmt in configs:
+        if time.monotonic() > deadline:
+            rows.append({"device": device, "backend": step, "format": fmt, "skipped": "time budget spent"})
+            continue
+        m = model if device == "cpu" else CompactModel(copy.deepcopy(model.net), device=device, notes=model.notes)
+        engine = FrameEngine(m, device, step=step, frame_format=fmt)
+        slot = engine.add_avatar(avatar)
+        warm = engine.warm_up()
+        tp = throughput(engine, slot, windows, batches, per_batch)
+        sessions = synthetic(engine, slot, windows, levels, seconds, 0.15)
+        held = [r["sessions"] for r in sessions if r["holds_25fps"]]
+        rows.append({"device": device, "backend": step, "format": fmt, "precision": engine.precision,
+                     "warm_up_s": round(warm, 1),
+                     **{f"fps@b{r['batch']}": r["frames_per_s"] for r in tp},
+                     "sessions_at_25fps": max(held) if held else 0,
+                     "synthetic": sessions})
+    return rows
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    lines = [" | ".join(columns), " | ".join("---" for _ in columns)]
+    lines += [" | ".join(str(r.get(c, "")) for c in columns) for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pack", type=Path, default=None, help="dev machine: write the carry folder and exit")
+    p.add_argument("--carry", type=Path, default=REPO / "gpu_check_carry",
+                   help="the carry folder made by --pack (default gpu_check_carry/)")
+    p.add_argument("--out", type=Path, default=None, help="write the JSON result here")
+    p.add_argument("--quick", action="store_true", help="fewer batches and sessions (about a minute)")
+    p.add_argument("--budget-s", type=float, default=270.0, help="stop starting new benchmark parts after this")
+    p.add_argument("--skip-tests", action="store_true", help="only the benchmark")
+    args = p.parse_args(argv)
+    if args.pack is not None:
+        pack(args.pack)
+        return 0
+    t0 = time.monotonic()
+    carry = args.carry if args.carry.is_dir() else None
+    stood_in = use_carry(carry)
+    env = environment()
+    env["stood_in"] = stood_in
+    print(table([env], list(env)))
+    if not env["cuda"]:
+        print("\nno CUDA GPU visible to torch: the CUDA tests will report skipped and the benchmark runs "
+              "a short CPU pass")
+    model, weights, avatar, avatar_from = model_and_avatar(carry)
+    print(f"\nmodel {model.model_id} {model.weights_hash()} ({weights}); avatar: {avatar_from}")
+    result = {"environment": env, "weights": weights, "avatar": avatar_from}
+    if not args.skip_tests:
+        result["tests"] = run_cuda_tests(avatar_from if avatar is not None else None)
+        print("\nCUDA tests\n" + table(result["tests"], ["test", "outcome", "seconds", "detail"]))
+    if avatar is None:
+        result["benchmark"] = [{"skipped": avatar_from}]
+    else:
+        result["benchmark"] = run_benchmark(model, avatar, env["cuda"], args.quick, t0 + args.budget_s)
+        columns = sorted({k for r in result["benchmark"] for k in r if k != "synthetic"},
+                         key=lambda c: (not c.isalpha(), c))
+        print("\nframe engine (frames/s at batch b; sessions holding 25 fps)\n" + table(result["benchmark"], columns))
+    result["seconds"] = round(time.monotonic() - t0, 1)
+    print(f"\ngpu_check done in {result['seconds']} s")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    failed = [t for t in result.get("tests", []) if t["outcome"] == "failed"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
