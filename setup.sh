@@ -19,6 +19,7 @@ done
 PY=${PYTHON:-python3.11}
 APT_PKGS=(espeak-ng libespeak-ng1 sox libportaudio2 jackd2)
 if [[ $DEV == 1 ]]; then APT_PKGS+=(chromium xvfb); fi  # xvfb: a display for the preview-window test
+if [[ $DEV == 1 ]]; then APT_PKGS+=(nginx libnginx-mod-rtmp janus); fi  # broadcast tests: an RTMP server and a Janus SFU
 
 missing=()
 for p in "${APT_PKGS[@]}"; do
