@@ -34,6 +34,8 @@ from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSes
 from aiortc.mediastreams import AUDIO_PTIME, MediaStreamError
 from aiortc.sdp import SessionDescription
 
+from .fanout import outputs_of
+
 log = logging.getLogger(__name__)
 
 WEB_ROOT = Path(__file__).parent / "web"
@@ -130,8 +132,11 @@ class PtimeAudioTrack(MediaStreamTrack):
             if frame.samples == chunk and self._fifo.samples == 0:
                 return frame  # already 20 ms: nothing to do
             self._chunk = chunk
-            frame.pts = None  # the fifo would insist on contiguous pts; ours are recomputed
+            # The fifo would insist on contiguous pts; ours are recomputed. The frame may be shared
+            # (a MediaRelay hands one object to every consumer): its pts is put back at once.
+            pts, frame.pts = frame.pts, None
             self._fifo.write(frame)
+            frame.pts = pts
         out = self._fifo.read(self._chunk)
         out.pts = self._sent
         out.time_base = fractions.Fraction(1, out.sample_rate)
@@ -475,15 +480,28 @@ class AvatarServer:
         self._negotiating = 0  # slots held by offers still being answered
         self._frames_sent_closed = 0
         self._late_frames_closed = 0
+        # broadcast.py: sessions without a peer (POST /sessions) served by the /sessions/<id>
+        # routes too, and hooks called as hook("started" | "closed", peer)
+        self.extra_sessions: dict = {}
+        self.peer_hooks: list[Callable[[str, PeerSession], None]] = []
+        self.avatar_name: str | None = None
 
     # registry
 
     def _reject(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
+    def _run_hooks(self, event: str, peer: PeerSession) -> None:
+        for hook in self.peer_hooks:
+            try:
+                hook(event, peer)
+            except Exception:
+                log.exception("session %s: %s hook failed", peer.id, event)
+
     def _on_peer_closed(self, peer: PeerSession) -> None:
         if self.peers.pop(peer.id, None) is None:
             return
+        self._run_hooks("closed", peer)
         try:
             final = peer.session.stats()
             self._frames_sent_closed += int(final.get("frames_sent", 0))
@@ -532,14 +550,17 @@ class AvatarServer:
             except Exception as exc:
                 raise OfferError(400, f"offer rejected by the peer connection: {exc}") from exc
             # addTrack reuses the offer's transceivers: audio becomes sendrecv, video sendonly.
-            pc.addTrack(PtimeAudioTrack(session.audio_track))
-            pc.addTrack(session.video_track)
+            # The tracks are relay proxies, so WHEP viewers and broadcasts can watch this session.
+            outputs = outputs_of(session)
+            pc.addTrack(PtimeAudioTrack(outputs.audio()))
+            pc.addTrack(outputs.video())
             await pc.setLocalDescription(await pc.createAnswer())  # gathers ICE to completion
         except BaseException:
             await peer.close("negotiation failed")
             raise
         self.peers[peer.id] = peer
         self.sessions_total += 1
+        self._run_hooks("started", peer)
         log.info("session %s started (%d active)", peer.id, len(self.peers))
         return peer, pc.localDescription.sdp
 
@@ -627,7 +648,8 @@ class AvatarServer:
         )
 
     def _peer(self, request: web.Request) -> PeerSession | None:
-        return self.peers.get(request.match_info["session_id"])
+        sid = request.match_info["session_id"]
+        return self.peers.get(sid) or self.extra_sessions.get(sid)
 
     def _unknown_session(self, request: web.Request) -> web.Response:
         return error_response(404, f"no session {request.match_info['session_id']!r} (ended or never existed)")
@@ -684,11 +706,13 @@ def create_app(
     media_timeout_s: float = DEFAULT_MEDIA_TIMEOUT_S,
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
     loopback_candidates: bool = True,
+    broadcast: "BroadcastOptions | None" = None,
 ) -> web.Application:
     """The aiohttp app: page, signalling (/offer, /whip), /health, /metrics, per-session stats.
 
     token: when set, every route but the page, its static files and /health needs
     `Authorization: Bearer <token>`. loopback_candidates: see include_loopback_candidates.
+    broadcast: RTMP/Janus/WHEP/audio-push options (broadcast.py); None: those routes are absent.
     """
     if loopback_candidates:
         include_loopback_candidates()
@@ -716,6 +740,10 @@ def create_app(
         await server.close_all()
 
     app.on_shutdown.append(on_shutdown)
+    if broadcast is not None:
+        from .broadcast import install
+
+        install(app, server, broadcast)
     return app
 
 
@@ -727,9 +755,10 @@ async def run_server(
     max_sessions: int = DEFAULT_MAX_SESSIONS,
     token: str | None = None,
     started: asyncio.Event | None = None,
+    broadcast: "BroadcastOptions | None" = None,
 ) -> None:
     """Serve until cancelled; on cancellation every session is closed before returning."""
-    app = create_app(session_factory, max_sessions=max_sessions, token=token)
+    app = create_app(session_factory, max_sessions=max_sessions, token=token, broadcast=broadcast)
     runner = web.AppRunner(app)
     await runner.setup()
     try:
