@@ -329,9 +329,13 @@ class Broadcaster:
         return web.FileResponse(WEB_ROOT / "watch.html")
 
 
+BROADCASTER_KEY = web.AppKey("broadcaster", Broadcaster)
+
+
 def install(app: web.Application, server: AvatarServer, options: BroadcastOptions) -> Broadcaster:
     """Add the broadcast routes to a server app; sessions and viewers close on app shutdown."""
     broadcaster = Broadcaster(server, options)
+    app[BROADCASTER_KEY] = broadcaster
     app.router.add_post("/sessions", broadcaster.handle_create)
     app.router.add_get("/sessions/{session_id}/audio", broadcaster.handle_audio)
     app.router.add_post("/whep/{channel}", broadcaster.whep.handle_post)
