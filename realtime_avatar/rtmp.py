@@ -134,9 +134,16 @@ class RtmpPusher:
             self.stats.audio_dropped += 1
 
     async def feed(self, video_track, audio_track) -> None:
-        """Copy two tracks (e.g. SessionOutputs proxies) into the pusher until either ends."""
+        """Copy two tracks (e.g. SessionOutputs proxies) into the pusher until either ends.
+
+        Audio of any rate and layout is brought to mono at `audio_rate` (soxr, streaming);
+        the frames themselves are never modified (relay consumers share them)."""
+        from .audio_sources import StreamResampler, audio_frame_to_array
+
+        resampler: StreamResampler | None = None
 
         async def pump(track, kind: str) -> None:
+            nonlocal resampler
             try:
                 while True:
                     frame = await track.recv()
@@ -145,12 +152,19 @@ class RtmpPusher:
                     t = float(frame.pts * frame.time_base)
                     if kind == "v":
                         self.put_video(frame, t)
-                    else:
-                        pcm = frame.to_ndarray()
-                        if frame.sample_rate != self.audio_rate or pcm.shape[0] != 1:
-                            raise ValueError(f"RTMP feed expects mono {self.audio_rate} Hz audio, got "
-                                             f"{frame.layout.name} {frame.sample_rate} Hz")
-                        self.put_audio(pcm[0], t)
+                        continue
+                    pcm = audio_frame_to_array(frame)
+                    channels = frame.layout.nb_channels
+                    if frame.sample_rate == self.audio_rate and channels == 1:
+                        self.put_audio(pcm[:, 0], t)
+                        continue
+                    if self.audio_rate != SAMPLE_RATE:
+                        raise ValueError(f"RTMP feed resamples to {SAMPLE_RATE} Hz only, not {self.audio_rate}")
+                    if resampler is None or (resampler.in_rate, resampler.channels) != (frame.sample_rate, channels):
+                        resampler = StreamResampler(frame.sample_rate, channels)
+                    out = resampler.process(pcm)
+                    if len(out):  # soxr holds back a few ms: place what comes out after it
+                        self.put_audio(out, t + frame.samples / frame.sample_rate - len(out) / SAMPLE_RATE)
             except MediaStreamError:
                 return
             finally:
@@ -158,7 +172,10 @@ class RtmpPusher:
 
         tasks = [asyncio.ensure_future(pump(video_track, "v")), asyncio.ensure_future(pump(audio_track, "a"))]
         try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task.exception() is not None:
+                    log.error("rtmp %s: feed failed: %r", self.name, task.exception())
         finally:
             for task in tasks:
                 task.cancel()
