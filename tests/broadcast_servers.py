@@ -116,6 +116,7 @@ class JanusGateway:
         if not Path(JANUS).exists() or not (JANUS_LIB / "plugins" / "libjanus_videoroom.so").exists():
             pytest.skip("needs Debian janus (./setup.sh --dev)")
         self.dir = folder
+        folder.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         rtp_low = 20000 + (self.port % 200) * 100
         plugins = sorted(p.name for p in (JANUS_LIB / "plugins").glob("libjanus_*.so")
