@@ -153,6 +153,7 @@ class JanusPublisher:
         self.publisher_id: int | None = None
         self.publishes = 0
         self._pc: RTCPeerConnection | None = None
+        self._proxies: list = []
         self._janus: JanusSession | None = None
 
     def _set_state(self, state: str, detail: str = "") -> None:
@@ -176,8 +177,9 @@ class JanusPublisher:
         from .server import PtimeAudioTrack
 
         self._pc = pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        pc.addTrack(PtimeAudioTrack(outputs.audio()))
-        pc.addTrack(outputs.video())
+        self._proxies = [outputs.audio(), outputs.video()]
+        pc.addTrack(PtimeAudioTrack(self._proxies[0]))
+        pc.addTrack(self._proxies[1])
         await pc.setLocalDescription(await pc.createOffer())
         _, jsep = await janus.message(handle, {"request": "publish", "audio": True, "video": True},
                                       jsep={"type": "offer", "sdp": pc.localDescription.sdp})
@@ -187,10 +189,10 @@ class JanusPublisher:
         self.publishes += 1
 
     async def _teardown(self) -> None:
+        for proxy in self._proxies:
+            proxy.stop()  # leaves the relay (a buffered proxy nobody reads would grow forever)
+        self._proxies = []
         if self._pc is not None:
-            for sender in self._pc.getSenders():
-                if sender.track is not None:
-                    sender.track.stop()
             await self._pc.close()
             self._pc = None
         if self._janus is not None:

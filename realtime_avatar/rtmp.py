@@ -307,9 +307,12 @@ class _StreamWriter:
             self.stats.video_dropped += 1  # from before this connection, or a repeated tick
             return
         if isinstance(data, av.VideoFrame):
-            frame = data.reformat(width=self.video.width, height=self.video.height, format="yuv420p")
-            if frame is data:  # never re-stamp a frame other consumers share
-                frame = av.VideoFrame.from_ndarray(data.to_ndarray(), format=data.format.name)
+            # A shared frame (relay): read it only. Copy (to set our pts), converting if needed.
+            if data.format.name == "yuv420p" and (data.width, data.height) == (self.video.width, self.video.height):
+                frame = av.VideoFrame.from_ndarray(data.to_ndarray(), format="yuv420p")
+            else:
+                frame = av.VideoFrame.from_ndarray(data.to_ndarray(format="bgr24")[: self.video.height, : self.video.width],
+                                                   format="bgr24")
         else:
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(data[: self.video.height, : self.video.width]),
                                                format="bgr24")

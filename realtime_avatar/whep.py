@@ -44,6 +44,7 @@ class WhepViewer:
         self.channel = channel
         self.pc = pc
         self.close_reason: str | None = None
+        self.proxies: list = []  # relay proxies this viewer reads; stopped when it leaves
         self._closing: asyncio.Task | None = None
         self._watchdog: asyncio.Task | None = None
 
@@ -80,9 +81,11 @@ class WhepEndpoint:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
             kinds = {t.kind for t in pc.getTransceivers()}
             if "video" in kinds:
-                pc.addTrack(outputs.video())
+                viewer.proxies.append(outputs.video())
+                pc.addTrack(viewer.proxies[-1])
             if "audio" in kinds:
-                pc.addTrack(PtimeAudioTrack(outputs.audio()))
+                viewer.proxies.append(outputs.audio())
+                pc.addTrack(PtimeAudioTrack(viewer.proxies[-1]))
             await asyncio.wait_for(pc.setLocalDescription(await pc.createAnswer()), CONNECT_TIMEOUT_S)
         except Exception as exc:
             await self._shutdown(viewer)
@@ -123,9 +126,8 @@ class WhepEndpoint:
 
     @staticmethod
     async def _shutdown(viewer: WhepViewer) -> None:
-        for sender in viewer.pc.getSenders():
-            if sender.track is not None:
-                sender.track.stop()  # leaves the relay: its proxies stop receiving frames
+        for proxy in viewer.proxies:
+            proxy.stop()  # leaves the relay (a buffered proxy nobody reads would grow forever)
         try:
             await asyncio.wait_for(viewer.pc.close(), 5.0)
         except Exception:
