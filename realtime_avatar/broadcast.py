@@ -326,7 +326,7 @@ class Broadcaster:
         return ws
 
     async def handle_watch(self, request: web.Request) -> web.StreamResponse:
-        return web.FileResponse(WEB_ROOT / "watch.html")
+        return web.FileResponse(WEB_ROOT / "whep.html")
 
 
 BROADCASTER_KEY = web.AppKey("broadcaster", Broadcaster)
