@@ -74,7 +74,7 @@ class SessionOutputsRunner:
         self._tasks.append(asyncio.ensure_future(self._rtmp(url.replace("{session}", self.session_id))))
 
     async def _rtmp(self, url: str) -> None:
-        video, audio = self.outputs.video(every_frame=True), self.outputs.audio()
+        video, audio = self.outputs.video(every_frame=True), self.outputs.audio(every_frame=True)
         first = await video.recv()  # the stream's size is the session's frame size
         self.rtmp = RtmpPusher(url, first.width, first.height, name=self.session_id)
         self.rtmp.start()

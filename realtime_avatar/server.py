@@ -552,8 +552,8 @@ class AvatarServer:
             # addTrack reuses the offer's transceivers: audio becomes sendrecv, video sendonly.
             # The tracks are relay proxies, so WHEP viewers and broadcasts can watch this session.
             outputs = outputs_of(session)
-            pc.addTrack(PtimeAudioTrack(outputs.audio()))
-            pc.addTrack(outputs.video())
+            pc.addTrack(PtimeAudioTrack(outputs.audio(own_peer=True)))
+            pc.addTrack(outputs.video(own_peer=True))
             await pc.setLocalDescription(await pc.createAnswer())  # gathers ICE to completion
         except BaseException:
             await peer.close("negotiation failed")
