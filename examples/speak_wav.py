@@ -25,8 +25,10 @@ import wave
 from pathlib import Path
 
 import aiohttp
+import av
+import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from aiortc.contrib.media import MediaRecorder
+from aiortc.mediastreams import MediaStreamError
 
 CHUNK_S = 0.1  # TTS engines deliver audio in pieces; any size works
 
@@ -39,11 +41,63 @@ def read_wav(path: Path) -> tuple[bytes, int, int]:
         return w.readframes(w.getnframes()), w.getframerate(), w.getnchannels()
 
 
+class Recorder:
+    """Keeps what a viewer receives, then writes it as an MP4 (H.264 + AAC) at stop()."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.video: list[np.ndarray] = []  # BGR frames in arrival order (25 fps from the server)
+        self.audio: list[np.ndarray] = []  # 48 kHz stereo s16, interleaved, as aiortc decodes Opus
+        self.tasks: list[asyncio.Task] = []
+
+    def add(self, track) -> None:
+        self.tasks.append(asyncio.ensure_future(self._read(track)))
+
+    async def _read(self, track) -> None:
+        try:
+            while True:
+                frame = await track.recv()
+                if track.kind == "video":
+                    self.video.append(frame.to_ndarray(format="bgr24"))
+                else:
+                    self.audio.append(frame.to_ndarray().reshape(-1))
+        except MediaStreamError:
+            pass
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await asyncio.to_thread(self._write)
+
+    def _write(self) -> None:
+        if not self.video:
+            sys.exit("speak_wav: the viewer received no video")
+        height, width = self.video[0].shape[:2]
+        with av.open(str(self.path), "w", format="mp4") as container:
+            vstream = container.add_stream("libx264", rate=25)
+            vstream.width, vstream.height, vstream.pix_fmt = width - width % 2, height - height % 2, "yuv420p"
+            astream = container.add_stream("aac", rate=48_000)
+            astream.layout = "stereo"
+            for n, image in enumerate(self.video):
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image[: vstream.height, : vstream.width]),
+                                                   format="bgr24")
+                frame.pts = n
+                container.mux(vstream.encode(frame))
+            container.mux(vstream.encode(None))
+            if self.audio:
+                pcm = np.concatenate(self.audio)[None, :]
+                frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="stereo")
+                frame.sample_rate, frame.pts = 48_000, 0
+                container.mux(astream.encode(frame))
+                container.mux(astream.encode(None))
+
+
 async def watch(http: aiohttp.ClientSession, server: str, channel: str, out: Path, headers: dict):
     """Join as a WHEP viewer and record to `out`; returns (pc, recorder, viewer URL)."""
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    recorder = MediaRecorder(str(out))
-    pc.on("track", recorder.addTrack)
+    recorder = Recorder(out)
+    pc.on("track", recorder.add)
     pc.addTransceiver("video", direction="recvonly")
     pc.addTransceiver("audio", direction="recvonly")
     await pc.setLocalDescription(await pc.createOffer())
@@ -54,7 +108,6 @@ async def watch(http: aiohttp.ClientSession, server: str, channel: str, out: Pat
         location = r.headers["Location"]
         answer = await r.text()
     await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
-    await recorder.start()
     return pc, recorder, f"{server}{location}"
 
 
