@@ -31,7 +31,6 @@ from pathlib import Path
 
 import aiohttp
 import av
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

@@ -23,7 +23,6 @@ import logging
 import re
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 from aiohttp import WSMsgType, web
 
@@ -68,6 +67,7 @@ class SessionOutputsRunner:
         self.outputs = outputs
         self.rtmp: RtmpPusher | None = None
         self.janus: JanusPublisher | None = None
+        self._rtmp_proxies: tuple = ()
         self._tasks: list[asyncio.Task] = []
 
     def start_rtmp(self, url: str) -> None:
@@ -75,6 +75,7 @@ class SessionOutputsRunner:
 
     async def _rtmp(self, url: str) -> None:
         video, audio = self.outputs.video(every_frame=True), self.outputs.audio(every_frame=True)
+        self._rtmp_proxies = (video, audio)
         first = await video.recv()  # the stream's size is the session's frame size
         self.rtmp = RtmpPusher(url, first.width, first.height, name=self.session_id)
         self.rtmp.start()
@@ -95,8 +96,12 @@ class SessionOutputsRunner:
         self._tasks.clear()
 
     def stats(self) -> dict:
-        return {"rtmp": self.rtmp.stats.as_dict() if self.rtmp else None,
-                "janus": self.janus.stats() if self.janus else None}
+        rtmp = None
+        if self.rtmp is not None:
+            rtmp = self.rtmp.stats.as_dict()
+            # frames the RTMP reader did not take from the relay in time (event loop stalled)
+            rtmp["relay_dropped"] = sum(getattr(getattr(p, "_queue", None), "dropped", 0) for p in self._rtmp_proxies)
+        return {"rtmp": rtmp, "janus": self.janus.stats() if self.janus else None}
 
 
 class BroadcastSession:
@@ -217,10 +222,15 @@ class Broadcaster:
                 asyncio.ensure_future(runner.close())
 
     def _datachannel_push(self, peer, channel) -> None:
+        """A peer that opens a data channel labelled "audio" drives its avatar with pushed audio
+        (the audio-push protocol); its microphone frames are then ignored (one input clock), but
+        its audio track must keep coming (even silence): it is how the server knows it is there."""
         playout = getattr(peer.session, "_audio_playout", None)
         if playout is None:
             playout = peer.session._audio_playout = AudioPlayout(peer.session)
             playout.start()
+            peer.session.push_audio = lambda frame: None  # the mic no longer feeds this session
+            log.info("session %s: driven by pushed audio on its data channel", peer.id)
 
         def send(event: dict) -> None:
             if channel.readyState == "open":

@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import tempfile
+import wave
+from pathlib import Path
 
 import aiohttp
 import numpy as np
@@ -177,3 +180,117 @@ def test_clear_buffer_at_random_points_always_ends_in_playback_finished(runtime)
         assert 0.0 <= finished["playback_position"] <= 1.5
         assert loud_after == 0.0, "audio queued before clear_buffer still played"
     assert stats["fps"] > 20
+
+
+def test_bad_input_gets_a_clear_error_and_the_session_keeps_serving(runtime):
+    """Sample rates 0 and 1,000,000, garbage text, PCM before its format, an unknown control
+    message and truncated PCM (an odd byte count) each get one error naming the problem; a
+    good utterance on the same socket afterwards still plays to the end."""
+
+    async def scenario():
+        app = create_app(_factory(runtime), broadcast=BroadcastOptions())
+        async with serving(app) as url, aiohttp.ClientSession() as http:
+            async with http.post(f"{url}/sessions", json={"outputs": ["whep"]}) as r:
+                created = await r.json()
+            async with http.post(f"{url}/sessions", data=b"{not json") as r:
+                bad_create = (r.status, (await r.json())["error"])
+            async with http.post(f"{url}/sessions", json={"outputs": ["rtmp"]}) as r:
+                no_rtmp = (r.status, (await r.json())["error"])
+            refused = []
+            for rate in (0, 1_000_000):
+                async with http.ws_connect(f"{url}{created['audio']}?sample_rate={rate}") as ws:
+                    msg = await ws.receive()
+                    refused.append(json.loads(msg.data)["message"])
+                    assert (await ws.receive()).type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+            errors = []
+            async with http.ws_connect(f"{url}{created['audio']}") as ws:
+                await ws.send_bytes(b"\x00\x01" * 100)  # PCM before its format
+                await ws.send_str("hello")  # not JSON
+                await ws.send_str(json.dumps({"type": "dance"}))
+                await ws.send_str(json.dumps({"type": "start", "sample_rate": 0}))
+                await ws.send_str(json.dumps({"type": "start", "sample_rate": 1_000_000}))
+                await ws.send_str("x" * 10_000)
+                for _ in range(6):
+                    errors.append(json.loads((await ws.receive()).data))
+                await ws.send_str(json.dumps({"type": "start", "sample_rate": 16_000}))
+                await ws.send_bytes(tone(0.4, 16_000).tobytes() + b"\x07")  # one byte too many
+                await ws.send_str(json.dumps({"type": "flush"}))
+                truncated = await _events_until(ws, "playback_finished", 10)
+                await ws.send_bytes(tone(0.6, 16_000).tobytes())
+                await ws.send_str(json.dumps({"type": "flush"}))
+                good = await _events_until(ws, "playback_finished", 10)
+            async with http.get(f"{url}/health") as r:
+                healthy = r.status
+            async with http.get(f"{url}/sessions/nobody/audio") as r:
+                unknown = r.status
+        return bad_create, no_rtmp, refused, errors, truncated, good, healthy, unknown
+
+    bad_create, no_rtmp, refused, errors, truncated, good, healthy, unknown = asyncio.run(scenario())
+    assert bad_create[0] == 400 and "JSON" in bad_create[1]
+    assert no_rtmp[0] == 400 and "--rtmp" in no_rtmp[1]
+    assert "0 Hz is outside" in refused[0] and "1000000 Hz is outside" in refused[1]
+    assert [e["type"] for e in errors] == ["error"] * 6
+    text = " | ".join(e["message"] for e in errors)
+    for expected in ("before its format", "control messages are JSON", "unknown control message type 'dance'",
+                     "0 Hz is outside", "1000000 Hz is outside", "10000 characters"):
+        assert expected in text, (expected, text)
+    kinds = [e["type"] for e in truncated]
+    assert kinds[0] == "error" and "truncated PCM: 1 byte" in truncated[0]["message"]
+    assert kinds[-2:] == ["playback_started", "playback_finished"]
+    assert abs(truncated[-1]["playback_position"] - 0.4) <= 0.045
+    assert [e["type"] for e in good] == ["playback_started", "playback_finished"]
+    assert abs(good[-1]["playback_position"] - 0.6) <= 0.045
+    assert healthy == 200 and unknown == 404
+
+
+def test_audio_push_over_the_peers_data_channel(runtime):
+    """A WebRTC peer opens a data channel labelled "audio": the same protocol drives its own
+    session (its microphone, silence here, is ignored meanwhile) and the events come back on it."""
+    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+
+    from tests.rtc_client import WavMicrophoneTrack
+
+    async def scenario(tmp_wav):
+        app = create_app(_factory(runtime), broadcast=BroadcastOptions())
+        async with serving(app) as url, aiohttp.ClientSession() as http:
+            pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+            pc.addTrack(WavMicrophoneTrack(tmp_wav, lead_s=30.0))  # a microphone hearing silence
+            pc.addTransceiver("video", direction="recvonly")
+            channel = pc.createDataChannel("audio")
+            events: asyncio.Queue = asyncio.Queue()
+            opened = asyncio.Event()
+            channel.on("open", opened.set)
+            channel.on("message", lambda m: events.put_nowait(json.loads(m)))
+            pc.on("track", lambda t: asyncio.ensure_future(_drain(t)))
+            await pc.setLocalDescription(await pc.createOffer())
+            async with http.post(f"{url}/offer", json={"sdp": pc.localDescription.sdp, "type": "offer"}) as r:
+                answer = await r.json()
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
+            await asyncio.wait_for(opened.wait(), 10)
+            channel.send(json.dumps({"type": "start", "sample_rate": 48_000}))
+            pcm = tone(0.8, 48_000).tobytes()
+            for i in range(0, len(pcm), 9600):
+                channel.send(pcm[i : i + 9600])
+            channel.send(json.dumps({"type": "flush"}))
+            seen = []
+            async with asyncio.timeout(15):
+                while not seen or seen[-1]["type"] != "playback_finished":
+                    seen.append(await events.get())
+            await pc.close()
+        return seen
+
+    async def _drain(track):
+        try:
+            while True:
+                await track.recv()
+        except Exception:
+            pass
+
+    with tempfile.TemporaryDirectory() as tmp:
+        wav = Path(tmp) / "silence.wav"
+        with wave.open(str(wav), "w") as w:
+            w.setnchannels(1), w.setsampwidth(2), w.setframerate(16_000)
+            w.writeframes(b"\x00\x00" * 1600)
+        seen = asyncio.run(scenario(wav))
+    assert [e["type"] for e in seen] == ["playback_started", "playback_finished"]
+    assert abs(seen[-1]["playback_position"] - 0.8) <= 0.045 and seen[-1]["interrupted"] is False
