@@ -127,9 +127,10 @@ async def scenario(args, tmp: Path) -> dict:
             async with http.get(f"{url}/sessions/broadcast/stats") as r:
                 stats = await r.json()
             fps = [v.fps(t0, t1) for v in viewers]
+            connected = sum(v.pc.connectionState == "connected" for v in viewers)
             result.update({
                 "agent": agent_result,
-                "whep_viewers": {"n": len(viewers), "fps": common.summarize(fps),
+                "whep_viewers": {"n": len(viewers), "connected": connected, "fps": common.summarize(fps),
                                  "audio_frames_first_two": [v.audio_frames for v in viewers[:2]],
                                  "per_viewer_fps": [round(f, 2) for f in fps]},
                 "janus_subscriber": {"fps": round(received.fps(t0), 2), "audio_frames": received.audio_frames,
@@ -137,7 +138,8 @@ async def scenario(args, tmp: Path) -> dict:
                 "session": {k: stats["session"][k] for k in ("fps", "late_frames", "rendered_frames", "frames_sent")},
                 "rtmp_push": stats["rtmp"], "janus_publisher": stats["janus"], "window_s": round(t1 - t0, 2),
             })
-            await asyncio.gather(*(v.leave(http, url) for v in viewers))
+            left = await asyncio.gather(*(v.leave(http, url) for v in viewers), return_exceptions=True)
+            result["whep_viewers"]["cut_off_before_leaving"] = sum(isinstance(x, BaseException) for x in left)
             await janus_pc.close()
             await janus_session.destroy()
     finally:

@@ -14,10 +14,13 @@ session's tracks until they end, so a session nobody watches still drains.
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 from aiortc import MediaStreamTrack
 from aiortc.contrib.media import MediaRelay
 
+_CONVERTER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fanout-yuv")  # all sessions share it
 PROXY_QUEUE_TICKS = 4  # frames a consumer may lag (160 ms at 25 fps) before its oldest is dropped
 BROADCAST_QUEUE_TICKS = 50  # the RTMP reader hands frames on at once; 2 s covers event-loop stalls
 
@@ -65,8 +68,11 @@ class Yuv420Track(MediaStreamTrack):
         frame = await self._source.recv()  # MediaStreamError when the session ends
         if frame.format.name == "yuv420p":
             return frame
-        # off the event loop (sws_scale runs without the GIL): a 512 px frame takes ~1 ms
-        out = await asyncio.to_thread(frame.reformat, format="yuv420p")
+        # Off the event loop (sws_scale runs without the GIL), on a thread of its own: the default
+        # executor also runs every aiortc encoder, and a frame queued behind 20 viewers' encodes
+        # would starve every consumer of the session (RTMP, Janus) at once.
+        loop = asyncio.get_running_loop()
+        out = await loop.run_in_executor(_CONVERTER, partial(frame.reformat, format="yuv420p"))
         out.pts, out.time_base = frame.pts, frame.time_base
         return out
 

@@ -168,3 +168,41 @@ def test_unreachable_rtmp_server_is_retried_without_stalling_the_session(tmp_pat
     assert stats["video_dropped"] > 0
     assert "Connection refused" in stats["last_error"] or "refused" in stats["last_error"].lower()
     assert any("reconnecting in" in r.getMessage() for r in caplog.records)
+
+
+def test_serve_rtmp_sessions_all_pushes_each_webrtc_session_to_its_own_stream_key(tmp_path):
+    """`serve --rtmp rtmp://.../live/{session} --rtmp-sessions all`: a WebRTC peer's session is
+    pushed too, under its session id, and the push ends when the peer leaves."""
+    from tests.rtc_client import RtcClient, WavMicrophoneTrack, http_client
+
+    nginx = NginxRtmp(tmp_path / "nginx").start()
+    wav = tmp_path / "silence.wav"
+    import wave
+
+    with wave.open(str(wav), "w") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16_000)
+        w.writeframes(b"\x00\x00" * 16_000)
+
+    async def factory():
+        return LoopbackSession(size=64)
+
+    async def scenario():
+        app = create_app(factory, broadcast=BroadcastOptions(rtmp_url=nginx.url("{session}"), rtmp_sessions="all"))
+        async with serving(app) as url, http_client() as http:
+            client = RtcClient(url, WavMicrophoneTrack(wav, lead_s=5.0))
+            await client.connect(http)
+            await asyncio.sleep(3.0)
+            runner = app[BROADCASTER_KEY].peer_outputs[client.session_id]
+            stats = runner.stats()["rtmp"]
+            await client.close(http)
+            await asyncio.sleep(1.0)
+            return client.session_id, stats, dict(app[BROADCASTER_KEY].peer_outputs)
+
+    try:
+        session_id, stats, left = asyncio.run(scenario())
+    finally:
+        nginx.stop()
+    assert stats["connects"] == 1 and stats["video_sent"] >= 2 * FPS
+    assert session_id not in left
+    with av.open(str(nginx.records(session_id)[-1])) as c:
+        assert sum(1 for _ in c.decode(video=0)) >= 2 * FPS
