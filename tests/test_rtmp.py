@@ -206,3 +206,20 @@ def test_serve_rtmp_sessions_all_pushes_each_webrtc_session_to_its_own_stream_ke
     assert session_id not in left
     with av.open(str(nginx.records(session_id)[-1])) as c:
         assert sum(1 for _ in c.decode(video=0)) >= 2 * FPS
+
+
+def test_cli_refuses_bad_broadcast_urls_with_one_line_and_exit_code_2(capsys):
+    from realtime_avatar.cli import build_parser, main
+
+    for argv, expected in [
+        (["serve", "--rtmp", "http://example.com/live/a"], "is not an RTMP URL"),
+        (["serve", "--rtmp", "rtmp://h/live/a", "--rtmp-sessions", "all"], "needs {session}"),
+        (["serve", "--janus", "ws://127.0.0.1:8188"], "Janus HTTP API URL"),
+        (["render", "--rtmp", "live/a"], "is not an RTMP URL"),
+        (["live", "--rtmp", "rtmp://"], "needs a host"),
+    ]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], (argv, err)
+    serve_help = build_parser().parse_args(["serve"])
+    assert serve_help.rtmp is None and serve_help.room == 1234 and serve_help.rtmp_sessions == "broadcast"
