@@ -281,8 +281,8 @@ class Broadcaster:
                              status=201, headers={"Location": f"/sessions/{entry.id}"})
 
     def _avatar_name(self) -> str | None:
-        factory_runtime = getattr(self.server, "avatar_name", None)
-        return factory_runtime
+        """The avatar this server's sessions show, if the embedder set server.avatar_name."""
+        return getattr(self.server, "avatar_name", None)
 
     async def handle_audio(self, request: web.Request) -> web.StreamResponse:
         """The audio-push WebSocket of a broadcast session (or a peer session)."""

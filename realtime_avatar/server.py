@@ -24,7 +24,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable, Protocol
+from typing import TYPE_CHECKING, Awaitable, Callable, Protocol
 
 import aioice.ice
 import av
@@ -35,6 +35,9 @@ from aiortc.mediastreams import AUDIO_PTIME, MediaStreamError
 from aiortc.sdp import SessionDescription
 
 from .fanout import outputs_of
+
+if TYPE_CHECKING:
+    from .broadcast import BroadcastOptions
 
 log = logging.getLogger(__name__)
 
@@ -484,7 +487,6 @@ class AvatarServer:
         # routes too, and hooks called as hook("started" | "closed", peer)
         self.extra_sessions: dict = {}
         self.peer_hooks: list[Callable[[str, PeerSession], None]] = []
-        self.avatar_name: str | None = None
 
     # registry
 
