@@ -147,7 +147,8 @@ def test_pushed_audio_at_any_rate_and_chunking_plays_for_its_duration(runtime):
 def test_clear_buffer_at_random_points_always_ends_in_playback_finished(runtime):
     """20 interruptions at random moments (before, during, after playback starts): each ends
     in playback_finished within a second, interrupted and with a position no longer than what
-    was pushed; after each, the output is silent within two ticks (nothing queued plays)."""
+    was pushed; from the very next tick of the session's clock no input frame plays (queued
+    audio, features and frames are gone within one frame), and the output stays silent."""
     rng = random.Random(12)
 
     async def scenario():
@@ -156,7 +157,25 @@ def test_clear_buffer_at_random_points_always_ends_in_playback_finished(runtime)
         async with serving(app) as url, aiohttp.ClientSession() as http:
             async with http.post(f"{url}/sessions", json={"outputs": ["whep"]}) as r:
                 created = await r.json()
-            session = app[BROADCASTER_KEY].sessions[created["id"]].session
+            entry = app[BROADCASTER_KEY].sessions[created["id"]]
+            session = entry.session
+            playout = entry.playout
+            ticks: list[tuple[int, int | None]] = []  # (tick, input frame played) from the clock
+            hooked = session.on_tick
+
+            def on_tick(n, frame, image, audio):
+                ticks.append((n, frame))
+                hooked(n, frame, image, audio)
+
+            session.on_tick = on_tick
+            cleared_at: list[int] = []  # the tick count when clear_buffer reached the session
+            clear = playout.clear_buffer
+
+            def clear_and_mark():
+                cleared_at.append(session.ticks)
+                clear()
+
+            playout.clear_buffer = clear_and_mark
             tap = OutputTap(session)
             async with http.ws_connect(f"{url}{created['audio']}?sample_rate=24000") as ws:
                 for _ in range(20):
@@ -168,16 +187,19 @@ def test_clear_buffer_at_random_points_always_ends_in_playback_finished(runtime)
                     await asyncio.sleep(0.2)
                     mark = len(tap.samples)
                     await asyncio.sleep(0.4)
-                    outcomes.append((events[-1], tap.loud_seconds(mark)))
+                    after = [frame for n, frame in ticks if n >= cleared_at[-1]]
+                    outcomes.append((events[-1], tap.loud_seconds(mark), after))
             stats = session.stats()
             await tap.close()
         return outcomes, stats
 
     outcomes, stats = asyncio.run(scenario())
     assert len(outcomes) == 20
-    for finished, loud_after in outcomes:
+    for finished, loud_after, frames_after in outcomes:
         assert finished["interrupted"] is True
         assert 0.0 <= finished["playback_position"] <= 1.5
+        assert len(frames_after) >= 10 and all(f is None for f in frames_after), \
+            "an input frame queued before clear_buffer played after it"
         assert loud_after == 0.0, "audio queued before clear_buffer still played"
     assert stats["fps"] > 20
 
