@@ -23,6 +23,7 @@ from realtime_avatar.rtmp import RtmpError, RtmpPusher, check_rtmp_url, push_cli
 from realtime_avatar.server import create_app
 from realtime_avatar.timing import FPS, SAMPLE_RATE
 from tests.broadcast_servers import NginxRtmp, free_port
+from tests.jack import jackd  # noqa: F401 - a fixture (the live --mic --rtmp test)
 from tests.loopback_session import LoopbackSession
 from tests.rtc_client import serving
 from tests.speech import espeak_wav
@@ -223,3 +224,37 @@ def test_cli_refuses_bad_broadcast_urls_with_one_line_and_exit_code_2(capsys):
         assert len(err) == 1 and expected in err[0], (argv, err)
     serve_help = build_parser().parse_args(["serve"])
     assert serve_help.rtmp is None and serve_help.room == 1234 and serve_help.rtmp_sessions == "broadcast"
+
+
+@pytest.mark.jack
+def test_live_mic_rtmp_pushes_the_microphone_avatar(jackd, runtime, tmp_path):  # noqa: F811 - jackd is a fixture
+    """`live --mic --rtmp URL`: speech into a real PortAudio device (a JACK dummy card) comes out
+    of nginx's recording of the push, with the avatar's video at 25 fps."""
+    from realtime_avatar.cli import run_live
+    from realtime_avatar.session import SessionConfig
+    from tests.jack import SpeechIntoMicrophone, jack_device_index, reinitialize_portaudio
+    from tests.speech import read_wav
+
+    reinitialize_portaudio()
+    device = jack_device_index()
+    speech, rate = read_wav(espeak_wav("Hello, the microphone is on the air.", tmp_path / "s.wav", rate=jackd.rate))
+    nginx = NginxRtmp(tmp_path / "nginx").start()
+    config = SessionConfig(streaming=runtime.streaming, batch_size=4)
+
+    async def scenario(player):
+        live = asyncio.create_task(run_live(runtime, config, device, seconds=player.seconds + 1.5,
+                                            report_every=0.2, rtmp=nginx.url("mic")))
+        await asyncio.sleep(0.5)
+        player.route()
+        return await live
+
+    try:
+        with SpeechIntoMicrophone(jackd, device, speech) as player:
+            stats = asyncio.run(scenario(player))
+        time.sleep(0.5)
+    finally:
+        nginx.stop()
+    assert stats["rtmp"]["connects"] == 1 and stats["rtmp"]["video_sent"] >= 0.8 * stats["frames_sent"]
+    times, _, audio, _ = read_flv(nginx.records("mic")[-1])
+    assert abs(np.median(np.diff(times)) - 1 / FPS) < 0.002
+    assert np.abs(audio).max() > 0.1  # the speech is on the stream
