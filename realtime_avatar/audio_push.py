@@ -19,7 +19,9 @@ Agents generate speech faster than real time; the session's input is a live cloc
 audio arriving far ahead of playback (bounded latency). So pushed audio waits in this module's
 buffer (bounded: MAX_BUFFER_S) and a pacer feeds the session 20 ms at a time, at most LEAD_S
 ahead of the wall clock. `clear_buffer` empties that buffer and calls `session.interrupt()`
-(which drops queued features and frames), so the next tick shows the idle face.
+(which drops queued features and frames), so the next tick shows the idle face; conversely, once
+audio is pushed to a session, any interrupt of it (POST /sessions/<id>/interrupt) is a
+clear_buffer.
 
 Playback position is measured on the session's output clock (its `on_tick` hook reports which
 input frame each 40 ms tick plays), in samples of the session's 16 kHz input: a segment covers
@@ -133,6 +135,10 @@ class AudioPlayout:
         self._wake = asyncio.Event()
         self.interruptions = 0
         self.segments_finished = 0
+        # Any interrupt of the session (POST /sessions/<id>/interrupt, a barge-in) is a
+        # clear_buffer: pushed audio must not keep flowing in after it.
+        self._interrupt_session = session.interrupt
+        session.interrupt = self.clear_buffer
         previous = getattr(session, "on_tick", None)
 
         def on_tick(n, frame, image, audio) -> None:
@@ -187,7 +193,7 @@ class AudioPlayout:
         self._buffer.clear()
         self._buffered = 0
         self._fed = None
-        self.session.interrupt()
+        self._interrupt_session()
         segments, self._segments = list(self._segments), deque()
         if segments:
             self.interruptions += 1

@@ -241,13 +241,21 @@ def test_bad_input_gets_a_clear_error_and_the_session_keeps_serving(runtime):
                 await ws.send_bytes(tone(0.6, 16_000).tobytes())
                 await ws.send_str(json.dumps({"type": "flush"}))
                 good = await _events_until(ws, "playback_finished", 10)
+                # the HTTP interrupt route is a clear_buffer too
+                await ws.send_bytes(tone(1.5, 16_000).tobytes())
+                await ws.send_str(json.dumps({"type": "flush"}))
+                await asyncio.sleep(0.5)
+                async with http.post(f"{url}/sessions/{created['id']}/interrupt") as r:
+                    assert r.status == 204
+                interrupted = (await _events_until(ws, "playback_finished", 2))[-1]
             async with http.get(f"{url}/health") as r:
                 healthy = r.status
             async with http.get(f"{url}/sessions/nobody/audio") as r:
                 unknown = r.status
-        return bad_create, no_rtmp, refused, errors, truncated, good, healthy, unknown
+        return bad_create, no_rtmp, refused, errors, truncated, good, interrupted, healthy, unknown
 
-    bad_create, no_rtmp, refused, errors, truncated, good, healthy, unknown = asyncio.run(scenario())
+    bad_create, no_rtmp, refused, errors, truncated, good, interrupted, healthy, unknown = asyncio.run(scenario())
+    assert interrupted["interrupted"] is True and interrupted["playback_position"] < 1.5
     assert bad_create[0] == 400 and "JSON" in bad_create[1]
     assert no_rtmp[0] == 400 and "--rtmp" in no_rtmp[1]
     assert "0 Hz is outside" in refused[0] and "1000000 Hz is outside" in refused[1]
