@@ -39,7 +39,7 @@ import common  # noqa: E402
 from tests.broadcast_servers import JanusGateway, NginxRtmp, free_port  # noqa: E402
 from tests.speech import espeak_wav  # noqa: E402
 from tests.test_janus import Received, subscribe  # noqa: E402
-from tests.test_whep import Viewer  # noqa: E402
+from tests.whep_viewers import Viewer  # noqa: E402
 
 ROOM = 1234
 TTS_TEXT = ("Hello everyone, and welcome to the show. I am a talking avatar, and this voice comes from a "
