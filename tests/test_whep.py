@@ -155,3 +155,42 @@ def test_whep_signalling_errors_and_a_viewer_that_never_reads_is_cut_off_alone()
     assert ghost_gone, "a viewer that never connected was not cut off"
     assert good_fps >= 24.0
     assert ghost_delete == 404 and second_delete == 404 and healthy == 200
+
+
+@pytest.mark.browser
+def test_chromium_watches_a_session_on_the_whep_page(tmp_path):
+    """The watch-only page /watch/<session>: Chromium plays the session over WHEP and its
+    viewer leaves the server's registry when the page goes away (DELETE on pagehide)."""
+    from tests.browser import CHROMIUM, chromium_page
+
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} missing: apt-get install -y chromium")
+    wav = tmp_path / "silence.wav"
+    import wave
+
+    with wave.open(str(wav), "w") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16_000)
+        w.writeframes(b"\x00\x00" * 16_000)
+
+    async def scenario():
+        app = _app()
+        async with serving(app) as url, aiohttp.ClientSession() as http:
+            await _broadcast(http, url)
+            whep = app[BROADCASTER_KEY].whep
+            async with chromium_page(tmp_path / "profile", wav) as page:
+                await page.goto(f"{url}/watch/show")
+                await page.wait_for_function("window.viewer.framesDecoded >= 50", timeout=20_000, polling=100)
+                state = await page.evaluate("window.viewer")
+                watching = whep.count("show")
+                await page.goto("about:blank")  # pagehide: the page DELETEs its viewer
+                for _ in range(50):
+                    if whep.count("show") == 0:
+                        break
+                    await asyncio.sleep(0.1)
+                after = whep.count("show")
+        return state, watching, after
+
+    state, watching, after = asyncio.run(scenario())
+    assert state["state"] == "connected" and state["error"] is None and state["framesDecoded"] >= 50
+    assert state["location"].startswith("/whep/show/")
+    assert watching == 1 and after == 0
