@@ -92,6 +92,9 @@ def test_render_rtmp_is_25_fps_whole_audio_and_in_sync_with_the_mp4(runtime, tmp
     ref = audio[: len(flv_audio)]
     corr = np.correlate(flv_audio[: len(ref)], ref[SAMPLE_RATE // 2 : -SAMPLE_RATE // 2], mode="valid")
     audio_offset = (int(np.argmax(corr)) - SAMPLE_RATE // 2) / SAMPLE_RATE
+    print(f"{len(times)} frames, median step {1000 * np.median(steps):.1f} ms, audio {len(flv_audio) / SAMPLE_RATE:.3f} s "
+          f"(clip {len(audio) / SAMPLE_RATE:.3f} s); video offset {1000 * video_offset:.1f} ms, audio offset "
+          f"{1000 * audio_offset:.1f} ms: A/V {1000 * (video_offset - audio_offset):+.1f} ms vs the MP4")
     assert abs(video_offset - audio_offset) <= 0.040, (video_offset, audio_offset)
 
 
@@ -132,6 +135,8 @@ def test_push_survives_an_nginx_restart_and_never_slows_the_session(tmp_path, ca
         fps_during_outage, resumed_after, stats = asyncio.run(scenario())
     finally:
         nginx.stop()
+    print(f"push back {resumed_after:.2f} s after nginx listens again; session fps during the outage "
+          f"{fps_during_outage:.1f}; pusher {stats}")
     assert resumed_after < 5.0
     assert fps_during_outage >= 24.0
     records = nginx.records("show")
