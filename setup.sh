@@ -49,6 +49,7 @@ PYV=$(py_version "$PY")
 if [[ $WHICH_PYTHON == 1 ]]; then echo "$PY (Python $PYV)"; exit 0; fi
 APT_PKGS=(espeak-ng libespeak-ng1 sox libportaudio2 jackd2)
 if [[ $DEV == 1 ]]; then APT_PKGS+=(chromium xvfb); fi  # xvfb: a display for the preview-window test
+if [[ $DEV == 1 ]]; then APT_PKGS+=(nginx libnginx-mod-rtmp janus); fi  # broadcast tests: an RTMP server and a Janus SFU
 
 missing=()
 for p in "${APT_PKGS[@]}"; do

@@ -182,15 +182,41 @@ def cmd_render(args) -> int:
     """Render an audio file into an MP4 of the avatar speaking it (offline, whole clip at once)."""
     from .offline_render import render_clip
 
+    if args.rtmp:
+        from .rtmp import RtmpError, check_rtmp_url
+
+        try:
+            check_rtmp_url(args.rtmp)
+        except RtmpError as exc:
+            print(f"realtime-avatar render: --rtmp: {exc}", file=sys.stderr)
+            return 2
     runtime = _runtime(args)
     audio = Path(args.audio) if args.audio else speech_sample()
     result = render_clip(runtime.renderer, runtime.clip_features, audio, args.output, progress=not args.no_progress)
-    print(json.dumps({
+    summary = {
         "output": str(result.path), "frames": result.frames, "audio_seconds": round(result.audio_seconds, 3),
         "features_seconds": round(result.features_seconds, 2), "render_seconds": round(result.render_seconds, 2),
         "render_fps": round(result.frames / max(result.render_seconds, 1e-9), 1),
-    }, indent=2))
+    }
+    if args.rtmp:
+        summary["rtmp"] = _push_rendered(result.path, args.rtmp)
+    print(json.dumps(summary, indent=2))
     return 0
+
+
+def _push_rendered(mp4: Path, url: str) -> dict:
+    """Push a rendered MP4 to RTMP at the pace of a live source (25 fps, real time)."""
+    from .rtmp import RtmpPusher, push_clip_realtime, read_clip
+
+    frames, audio16k = read_clip(mp4)
+    pusher = RtmpPusher(url, frames[0].shape[1], frames[0].shape[0], name="render")
+    pusher.start()
+    print(f"pushing {len(frames)} frames to {url} in real time ...", file=sys.stderr)
+    try:
+        asyncio.run(push_clip_realtime(pusher, frames, audio16k))
+    finally:
+        pusher.close()
+    return pusher.stats.as_dict()
 
 
 # -- serve ---------------------------------------------------------------------------------------
@@ -207,10 +233,28 @@ def _session_factory(runtime, args):
     return factory, config
 
 
+def _broadcast_options(args):
+    """BroadcastOptions from serve's flags (always on: WHEP and POST /sessions cost nothing idle)."""
+    from .broadcast import BroadcastOptions
+
+    if args.janus and not args.janus.startswith(("http://", "https://")):
+        raise ValueError(f"--janus {args.janus!r}: use the Janus HTTP API URL, e.g. http://127.0.0.1:8088/janus")
+    if args.broadcast and not (args.rtmp or args.janus):
+        print("note: --broadcast without --rtmp/--janus: watch it at /watch/" + args.broadcast, file=sys.stderr)
+    return BroadcastOptions(rtmp_url=args.rtmp, rtmp_sessions=args.rtmp_sessions, janus_url=args.janus,
+                            janus_room=args.room, max_viewers=args.max_viewers,
+                            broadcast_session=args.broadcast)
+
+
 def cmd_serve(args) -> int:
     """Serve the avatar over WebRTC: open the printed address in a browser and speak."""
     from .server import run_server
 
+    try:
+        broadcast = _broadcast_options(args)
+    except ValueError as exc:  # RtmpError, JanusError-like URL checks, option combinations
+        print(f"realtime-avatar serve: {exc}", file=sys.stderr)
+        return 2
     runtime = _runtime(args)
     factory, config = _session_factory(runtime, args)
     print(f"model {runtime.model.model_id}, avatar {runtime.avatar.path.name}, encoder window "
@@ -220,7 +264,7 @@ def cmd_serve(args) -> int:
     async def serve() -> None:
         try:
             await run_server(args.host, args.port, session_factory=factory,
-                             max_sessions=args.max_sessions, token=args.token)
+                             max_sessions=args.max_sessions, token=args.token, broadcast=broadcast)
         finally:
             await runtime.close()  # the engine's tick loops, after every session has closed
 
@@ -251,7 +295,7 @@ def choose_preview(requested: str) -> str:
 
 async def run_live(runtime, config, device=None, seconds: float | None = None, record: Path | None = None,
                    report_every: float = 1.0, preview: str = "none", preview_port: int = 8080,
-                   started=None) -> dict:
+                   started=None, rtmp: str | None = None) -> dict:
     """Microphone -> avatar on this machine, with an optional preview ('window' or 'page') and
     MP4 recording. `started(parts)` is called once everything runs (tests and embedders use it)."""
     from .audio_sources import MicrophoneSource
@@ -280,6 +324,13 @@ async def run_live(runtime, config, device=None, seconds: float | None = None, r
     session.on_tick = on_tick
     mic = MicrophoneSource(session.ring, device=device)
     await session.start()
+    broadcast = None
+    if rtmp is not None:
+        from .broadcast import SessionOutputsRunner
+        from .fanout import outputs_of
+
+        broadcast = SessionOutputsRunner("live", outputs_of(session))
+        broadcast.start_rtmp(rtmp)
     mic.start()
     tasks = []
     if window is not None:
@@ -312,6 +363,9 @@ async def run_live(runtime, config, device=None, seconds: float | None = None, r
         if page is not None:
             stats["preview_viewers"] = len(page.peers)
             await page.close()
+        if broadcast is not None:
+            stats["rtmp"] = broadcast.stats()["rtmp"]
+            await broadcast.close()
         await session.close()
         if recorder is not None:
             await asyncio.to_thread(recorder.close)
@@ -334,13 +388,21 @@ def cmd_live(args) -> int:
     except PreviewError as exc:
         print(f"realtime-avatar live: {exc}", file=sys.stderr)
         return 2
+    if args.rtmp:
+        from .rtmp import RtmpError, check_rtmp_url
+
+        try:
+            check_rtmp_url(args.rtmp)
+        except RtmpError as exc:
+            print(f"realtime-avatar live: --rtmp: {exc}", file=sys.stderr)
+            return 2
     runtime = _runtime(args)
     config = SessionConfig(streaming=runtime.streaming, batch_size=args.session_batch)
     device = _input_device(args.input_device)
     print("listening: speak into the microphone (Ctrl+C to stop)", file=sys.stderr)
     try:
         stats = asyncio.run(run_live(runtime, config, device, args.seconds, Path(args.record) if args.record else None,
-                                     preview=preview, preview_port=args.preview_port))
+                                     preview=preview, preview_port=args.preview_port, rtmp=args.rtmp))
     except KeyboardInterrupt:
         return 0
     print(json.dumps(stats, indent=2))
@@ -384,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio", help="speech audio or video file; default: the built-in speech sample")
     p.add_argument("-o", "--output", default="out/avatar.mp4", help="output MP4 (default out/avatar.mp4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--rtmp", default=None, metavar="URL",
+                   help="after rendering, push the MP4 to this RTMP URL at real-time pace (25 fps), "
+                        "e.g. rtmp://127.0.0.1/live/avatar")
     _model_args(p)
     _device_args(p)
     p.set_defaults(func=cmd_render)
@@ -396,6 +461,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' (the page takes ?token=)")
     p.add_argument("--session-batch", type=int, default=4,
                    help="frames per model call in live sessions (default 4: 160 ms of video)")
+    g = p.add_argument_group("broadcast (RTMP, Janus, WHEP viewers, audio-push API)")
+    g.add_argument("--rtmp", default=None, metavar="URL",
+                   help="push sessions to this RTMP URL (H.264 + AAC in FLV), e.g. rtmp://127.0.0.1/live/avatar; "
+                        "{session} in it is replaced by the session id")
+    g.add_argument("--rtmp-sessions", choices=("broadcast", "all"), default="broadcast",
+                   help="which sessions --rtmp pushes: 'broadcast' (those made by POST /sessions with the rtmp "
+                        "output, and --broadcast) or 'all' (every WebRTC session too; needs {session} in the URL)")
+    g.add_argument("--janus", default=None, metavar="URL",
+                   help="publish broadcast sessions into a Janus VideoRoom via its HTTP API, e.g. http://127.0.0.1:8088/janus")
+    g.add_argument("--room", type=int, default=1234, help="Janus VideoRoom room number (created if missing; default 1234)")
+    g.add_argument("--broadcast", default=None, metavar="NAME",
+                   help="create a session NAME at start, fed only by the audio-push API (ws /sessions/NAME/audio), "
+                        "published to --rtmp and --janus and watchable at /watch/NAME")
+    g.add_argument("--max-viewers", type=int, default=50, help="WHEP viewers per server before 503 (default 50)")
     _model_args(p)
     _device_args(p)
     p.set_defaults(func=cmd_serve)
@@ -411,6 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to watch the avatar: a window on this display, a page served on 127.0.0.1 "
                         "(for machines without a display), or none; auto picks window when a display exists")
     p.add_argument("--preview-port", type=int, default=8080, help="port of the preview page (default 8080)")
+    p.add_argument("--rtmp", default=None, metavar="URL",
+                   help="also push the avatar to this RTMP URL (H.264 + AAC in FLV), e.g. rtmp://127.0.0.1/live/avatar")
     p.add_argument("--session-batch", type=int, default=4, help="frames per model call (default 4)")
     _model_args(p)
     _device_args(p)

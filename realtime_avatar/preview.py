@@ -20,10 +20,10 @@ import os
 import numpy as np
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from aiortc.contrib.media import MediaRelay
 from aiortc.sdp import SessionDescription
 
 from .video_encoding import install_live_h264_settings
+from .fanout import outputs_of
 from .server import (
     WEB_ROOT,
     OfferError,
@@ -126,7 +126,6 @@ class PagePreview:
 
     def __init__(self, session, host: str = "127.0.0.1", port: int = 8080):
         self.session, self.host, self.port = session, host, port
-        self._relay = MediaRelay()
         self.peers: set[RTCPeerConnection] = set()
         self._runner: web.AppRunner | None = None
         app = web.Application()
@@ -179,8 +178,9 @@ class PagePreview:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
             kinds = {t.kind for t in pc.getTransceivers()}
             if "audio" in kinds:
-                pc.addTrack(PtimeAudioTrack(self._relay.subscribe(self.session.audio_track, buffered=False)))
-            pc.addTrack(self._relay.subscribe(self.session.video_track, buffered=False))
+                pc.addTrack(PtimeAudioTrack(outputs_of(self.session).audio()))
+            # the session's one fan-out point: an RTMP push of the same session reads it too
+            pc.addTrack(outputs_of(self.session).video())
             with ice_gathering_on(ice_addresses_for_host(self.host)):  # media where the page is bound
                 await pc.setLocalDescription(await pc.createAnswer())
         except Exception as exc:

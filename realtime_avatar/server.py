@@ -28,7 +28,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Awaitable, Callable, Iterator, Protocol, Sequence
 
 import aioice.ice
 import av
@@ -39,6 +39,10 @@ from aiortc.mediastreams import AUDIO_PTIME, MediaStreamError
 from aiortc.sdp import SessionDescription
 
 from .video_encoding import install_live_h264_settings
+from .fanout import outputs_of
+
+if TYPE_CHECKING:
+    from .broadcast import BroadcastOptions
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +199,11 @@ class PtimeAudioTrack(MediaStreamTrack):
             if frame.samples == chunk and self._fifo.samples == 0:
                 return frame  # already 20 ms: nothing to do
             self._chunk = chunk
-            frame.pts = None  # the fifo would insist on contiguous pts; ours are recomputed
+            # The fifo would insist on contiguous pts; ours are recomputed. The frame may be shared
+            # (a MediaRelay hands one object to every consumer): its pts is put back at once.
+            pts, frame.pts = frame.pts, None
             self._fifo.write(frame)
+            frame.pts = pts
         out = self._fifo.read(self._chunk)
         out.pts = self._sent
         out.time_base = fractions.Fraction(1, out.sample_rate)
@@ -601,15 +608,27 @@ class AvatarServer:
         self._frames_sent_closed = 0
         self._late_frames_closed = 0
         self.prometheus = ServerMetrics(self.metrics)
+        # broadcast.py: sessions without a peer (POST /sessions) served by the /sessions/<id>
+        # routes too, and hooks called as hook("started" | "closed", peer)
+        self.extra_sessions: dict = {}
+        self.peer_hooks: list[Callable[[str, PeerSession], None]] = []
 
     # registry
 
     def _reject(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
+    def _run_hooks(self, event: str, peer: PeerSession) -> None:
+        for hook in self.peer_hooks:
+            try:
+                hook(event, peer)
+            except Exception:
+                log.exception("session %s: %s hook failed", peer.id, event)
+
     def _on_peer_closed(self, peer: PeerSession) -> None:
         if self.peers.pop(peer.id, None) is None:
             return
+        self._run_hooks("closed", peer)
         try:
             final = peer.session.stats()
             self._frames_sent_closed += int(final.get("frames_sent", 0))
@@ -660,8 +679,10 @@ class AvatarServer:
             except Exception as exc:
                 raise OfferError(400, f"offer rejected by the peer connection: {exc}") from exc
             # addTrack reuses the offer's transceivers: audio becomes sendrecv, video sendonly.
-            pc.addTrack(PtimeAudioTrack(session.audio_track))
-            pc.addTrack(session.video_track)
+            # The tracks are relay proxies, so WHEP viewers and broadcasts can watch this session.
+            outputs = outputs_of(session)
+            pc.addTrack(PtimeAudioTrack(outputs.audio(own_peer=True)))
+            pc.addTrack(outputs.video(own_peer=True))
             with ice_gathering_on(self.ice_addresses):  # media only where HTTP is bound
                 await pc.setLocalDescription(await pc.createAnswer())  # gathers ICE to completion
         except BaseException:
@@ -669,6 +690,7 @@ class AvatarServer:
             raise
         self.peers[peer.id] = peer
         self.sessions_total += 1
+        self._run_hooks("started", peer)
         log.info("session %s started (%d active)", peer.id, len(self.peers))
         return peer, pc.localDescription.sdp
 
@@ -756,7 +778,8 @@ class AvatarServer:
         )
 
     def _peer(self, request: web.Request) -> PeerSession | None:
-        return self.peers.get(request.match_info["session_id"])
+        sid = request.match_info["session_id"]
+        return self.peers.get(sid) or self.extra_sessions.get(sid)
 
     def _unknown_session(self, request: web.Request) -> web.Response:
         return error_response(404, f"no session {request.match_info['session_id']!r} (ended or never existed)")
@@ -813,6 +836,7 @@ def create_app(
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
     loopback_candidates: bool = True,
     host: str | Sequence[str] | None = None,
+    broadcast: "BroadcastOptions | None" = None,
 ) -> web.Application:
     """The aiohttp app: page, signalling (/offer, /whip), /health, /metrics, per-session stats.
 
@@ -821,6 +845,7 @@ def create_app(
     host: the address the HTTP server binds (as given to TCPSite); the answers' ICE candidates
     and the media sockets behind them are limited to it (see ice_addresses_for_host), so
     `--host 127.0.0.1` keeps media on this machine too. None: every interface.
+    broadcast: RTMP/Janus/WHEP/audio-push options (broadcast.py); None: those routes are absent.
     """
     install_ice_address_hook()
     install_live_h264_settings()  # no keyframe pulse when a peer negotiates H.264
@@ -851,6 +876,10 @@ def create_app(
         await server.close_all()
 
     app.on_shutdown.append(on_shutdown)
+    if broadcast is not None:
+        from .broadcast import install
+
+        install(app, server, broadcast)
     return app
 
 
@@ -862,9 +891,10 @@ async def run_server(
     max_sessions: int = DEFAULT_MAX_SESSIONS,
     token: str | None = None,
     started: asyncio.Event | None = None,
+    broadcast: "BroadcastOptions | None" = None,
 ) -> None:
     """Serve until cancelled; on cancellation every session is closed before returning."""
-    app = create_app(session_factory, max_sessions=max_sessions, token=token, host=host)
+    app = create_app(session_factory, max_sessions=max_sessions, token=token, host=host, broadcast=broadcast)
     runner = web.AppRunner(app)
     await runner.setup()
     try:

@@ -1,0 +1,194 @@
+"""The broadcast set-up end to end: one `serve` command on RTMP and in a Janus room at once, fed by
+a voice agent pushing TTS audio over the API, watched by N WHEP viewers and a Janus subscriber.
+
+    nginx-rtmp (started here) <-- RTMP --+
+                                         |   realtime-avatar serve --broadcast broadcast
+    janus (started here) <-- VideoRoom --+-- --rtmp rtmp://.../live/avatar --janus http://.../janus
+                                         |
+    N aiortc WHEP viewers <-- /whep -----+   <-- ws /sessions/broadcast/audio (espeak-ng TTS, 100 ms chunks)
+
+Measures, per output: frames per second received (WHEP viewers, the Janus subscriber, nginx's
+recording of the RTMP push), audio received, the session's own fps and late frames, the agent's
+time from first push to playback_started, and playback_finished's position vs the TTS length.
+Prints JSON and a table; --plots writes a PNG of every viewer's fps.
+
+    .venv/bin/python benchmarks/bench_broadcast.py [--quick] [--viewers 20] [--plots DIR]
+
+Needs Debian nginx + libnginx-mod-rtmp and janus (./setup.sh --dev). Everything runs on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import wave
+from pathlib import Path
+
+import aiohttp
+import av
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+from tests.broadcast_servers import JanusGateway, NginxRtmp, free_port  # noqa: E402
+from tests.speech import espeak_wav  # noqa: E402
+from tests.test_janus import Received, subscribe  # noqa: E402
+from tests.whep_viewers import Viewer  # noqa: E402
+
+ROOM = 1234
+TTS_TEXT = ("Hello everyone, and welcome to the show. I am a talking avatar, and this voice comes from a "
+            "text to speech engine that streams its audio to me over a web socket.")
+
+
+async def wait_health(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    end = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < end:
+            if proc.poll() is not None:
+                raise RuntimeError(f"serve exited with {proc.returncode}")
+            try:
+                async with http.get(f"{url}/health") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.5)
+    raise TimeoutError("serve did not come up")
+
+
+async def agent(url: str, wav: Path) -> dict:
+    """A voice agent: pushes TTS audio in 100 ms chunks as fast as it has it, then flush."""
+    with wave.open(str(wav)) as w:
+        rate, pcm = w.getframerate(), w.readframes(w.getnframes())
+    seconds = len(pcm) / 2 / rate
+    events = {}
+    async with aiohttp.ClientSession() as http, http.ws_connect(url.replace("http", "ws", 1) +
+                                                                "/sessions/broadcast/audio") as ws:
+        await ws.send_str(json.dumps({"type": "start", "sample_rate": rate, "channels": 1}))
+        t0 = time.monotonic()
+        step = 2 * rate // 10
+        for i in range(0, len(pcm), step):
+            await ws.send_bytes(pcm[i : i + step])
+        await ws.send_str(json.dumps({"type": "flush"}))
+        async for msg in ws:
+            event = json.loads(msg.data)
+            events[event["type"]] = (time.monotonic() - t0, event)
+            if event["type"] == "playback_finished":
+                break
+    return {"tts_seconds": round(seconds, 3),
+            "push_to_playback_started_s": round(events["playback_started"][0], 3),
+            "playback_finished_position_s": events["playback_finished"][1]["playback_position"],
+            "interrupted": events["playback_finished"][1]["interrupted"]}
+
+
+def rtmp_recording(nginx: NginxRtmp) -> dict:
+    records = nginx.records("avatar")
+    if not records:
+        return {"recorded": False}
+    with av.open(str(records[-1])) as c:
+        times = [f.time for f in c.decode(video=0)]
+    with av.open(str(records[-1])) as c:
+        audio_s = sum(f.samples / f.sample_rate for f in c.decode(audio=0))
+    span = times[-1] - times[0] if len(times) > 1 else 0
+    return {"recorded": True, "video_frames": len(times), "fps": round((len(times) - 1) / span, 2) if span else 0,
+            "video_seconds": round(span, 2), "audio_seconds": round(audio_s, 2), "publishes": len(records)}
+
+
+async def scenario(args, tmp: Path) -> dict:
+    nginx = NginxRtmp(tmp / "nginx").start()
+    janus = JanusGateway(tmp / "janus").start()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "realtime_avatar.cli", "serve", "--port", str(port),
+               "--broadcast", "broadcast", "--rtmp", nginx.url("avatar"), "--janus", janus.url,
+               "--room", str(ROOM), "--threads", str(args.threads), "--max-viewers", str(args.viewers + 5)]
+    proc = subprocess.Popen(command, cwd=common.REPO, stdout=subprocess.DEVNULL, stderr=open(tmp / "serve.log", "w"))
+    result: dict = {"command": "realtime-avatar " + " ".join(command[3:])}
+    try:
+        await wait_health(url, proc)
+        wav = espeak_wav(TTS_TEXT if not args.quick else "Hello everyone, welcome to the show.",
+                         tmp / "tts.wav", rate=24_000)
+        async with aiohttp.ClientSession() as http:
+            viewers = [Viewer(audio=i < 2) for i in range(args.viewers)]
+            await asyncio.gather(*(v.join(http, f"{url}/whep/broadcast") for v in viewers))
+            received = Received()
+            janus_session, janus_pc = await subscribe(http, janus.url, ROOM, received)
+            await asyncio.sleep(3.0)
+            t0 = time.monotonic()
+            agent_result = await agent(url, wav)
+            await asyncio.sleep(1.0)
+            t1 = time.monotonic()
+            async with http.get(f"{url}/sessions/broadcast/stats") as r:
+                stats = await r.json()
+            fps = [v.fps(t0, t1) for v in viewers]
+            connected = sum(v.pc.connectionState == "connected" for v in viewers)
+            result.update({
+                "agent": agent_result,
+                "whep_viewers": {"n": len(viewers), "connected": connected, "fps": common.summarize(fps),
+                                 "audio_frames_first_two": [v.audio_frames for v in viewers[:2]],
+                                 "per_viewer_fps": [round(f, 2) for f in fps]},
+                "janus_subscriber": {"fps": round(received.fps(t0), 2), "audio_frames": received.audio_frames,
+                                     "audio_peak": round(received.audio_peak, 3)},
+                "session": {k: stats["session"][k] for k in ("fps", "late_frames", "rendered_frames", "frames_sent")},
+                "rtmp_push": stats["rtmp"], "janus_publisher": stats["janus"], "window_s": round(t1 - t0, 2),
+            })
+            left = await asyncio.gather(*(v.leave(http, url) for v in viewers), return_exceptions=True)
+            result["whep_viewers"]["cut_off_before_leaving"] = sum(isinstance(x, BaseException) for x in left)
+            await janus_pc.close()
+            await janus_session.destroy()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        time.sleep(0.5)
+        janus.stop()
+        nginx.stop()
+    result["rtmp_recording"] = rtmp_recording(nginx)
+    return result
+
+
+def markdown(result: dict) -> str:
+    rows = [
+        {"output": f"WHEP viewers ({result['whep_viewers']['n']})", "fps (min / median)":
+            f"{result['whep_viewers']['fps']['min']} / {result['whep_viewers']['fps']['median']}", "audio": "yes"},
+        {"output": "Janus subscriber", "fps (min / median)": result["janus_subscriber"]["fps"],
+         "audio": f"{result['janus_subscriber']['audio_frames']} frames"},
+        {"output": "RTMP (nginx recording)", "fps (min / median)": result["rtmp_recording"].get("fps"),
+         "audio": f"{result['rtmp_recording'].get('audio_seconds')} s"},
+        {"output": "session itself", "fps (min / median)": result["session"]["fps"],
+         "audio": f"late frames {result['session']['late_frames']}"},
+    ]
+    agent = result["agent"]
+    return (common.markdown_table(rows) + f"\nTTS {agent['tts_seconds']} s; first push -> playback_started "
+            f"{agent['push_to_playback_started_s']} s; playback_finished at {agent['playback_finished_position_s']} s\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common.add_common_args(parser)
+    parser.add_argument("--viewers", type=int, default=20, help="WHEP viewers (default 20)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = {**common.header("broadcast", args, None), **asyncio.run(scenario(args, Path(tmp)))}
+    if args.plots is not None:
+        plt = common.pyplot()
+        fig, ax = plt.subplots(figsize=(7, 3))
+        fps = result["whep_viewers"]["per_viewer_fps"]
+        ax.bar(range(len(fps)), fps, label="WHEP viewer")
+        ax.axhline(25, color="k", lw=0.8, ls="--", label="25 fps")
+        ax.axhline(result["janus_subscriber"]["fps"], color="tab:orange", label="Janus subscriber")
+        ax.set_xlabel("viewer")
+        ax.set_ylabel("fps received")
+        ax.legend(loc="lower right")
+        result["plot"] = common.save_figure(fig, args.plots, "broadcast_viewers")
+    common.finish(result, args, markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""A crowd of watch-only WHEP viewers in a process of their own (aiortc peers on 127.0.0.1).
+
+    python -m tests.whep_viewers BASE_URL CHANNEL --viewers 20 --warmup 2 --measure 4
+
+Joins all viewers, waits `warmup` seconds, counts the frames each receives for `measure`
+seconds, leaves (DELETE), and prints one JSON line: {"fps": [...], "audio_frames": [...],
+"connected": n}. The first `--audio` viewers also receive audio (Opus doubles the packets).
+Tests run the crowd here so that the server under test has its process to itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+
+import aiohttp
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+
+
+class Viewer:
+    """A watch-only aiortc peer: recvonly audio + video, counts what arrives."""
+
+    def __init__(self, audio: bool = True):
+        self.audio = audio
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.video_times: list[float] = []
+        self.audio_frames = 0
+        self.location: str | None = None
+        self._tasks: list[asyncio.Task] = []
+        self.pc.on("track", lambda track: self._tasks.append(asyncio.ensure_future(self._consume(track))))
+
+    async def _consume(self, track):
+        try:
+            while True:
+                await track.recv()
+                if track.kind == "video":
+                    self.video_times.append(time.monotonic())
+                else:
+                    self.audio_frames += 1
+        except MediaStreamError:
+            pass
+
+    async def join(self, http: aiohttp.ClientSession, url: str) -> None:
+        self.pc.addTransceiver("video", direction="recvonly")
+        if self.audio:
+            self.pc.addTransceiver("audio", direction="recvonly")
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        async with http.post(url, data=self.pc.localDescription.sdp, headers={"Content-Type": "application/sdp"}) as r:
+            assert r.status == 201, await r.text()
+            self.location = r.headers["Location"]
+            answer = await r.text()
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+
+    def fps(self, t0: float, t1: float) -> float:
+        n = sum(1 for t in self.video_times if t0 <= t < t1)
+        return n / (t1 - t0)
+
+    async def leave(self, http: aiohttp.ClientSession, base: str) -> None:
+        async with http.delete(f"{base}{self.location}") as r:
+            assert r.status == 200
+        await self.pc.close()
+        for task in self._tasks:
+            task.cancel()
+
+
+async def crowd(args) -> dict:
+    async with aiohttp.ClientSession() as http:
+        viewers = [Viewer(audio=i < args.audio) for i in range(args.viewers)]
+        await asyncio.gather(*(v.join(http, f"{args.base}/whep/{args.channel}") for v in viewers))
+        print(json.dumps({"joined": len(viewers)}), flush=True)
+        await asyncio.sleep(args.warmup)
+        t0 = time.monotonic()
+        await asyncio.sleep(args.measure)
+        t1 = time.monotonic()
+        result = {"fps": [v.fps(t0, t1) for v in viewers], "audio_frames": [v.audio_frames for v in viewers],
+                  "connected": sum(v.pc.connectionState == "connected" for v in viewers)}
+        await asyncio.gather(*(v.leave(http, args.base) for v in viewers), return_exceptions=True)
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("base")
+    parser.add_argument("channel")
+    parser.add_argument("--viewers", type=int, default=20)
+    parser.add_argument("--audio", type=int, default=2)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--measure", type=float, default=4.0)
+    print(json.dumps(asyncio.run(crowd(parser.parse_args()))), flush=True)
