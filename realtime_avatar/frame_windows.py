@@ -23,9 +23,9 @@ import numpy as np
 
 from .timing import (
     FEATURES_PER_FRAME,
+    MUSETALK_WINDOW,
     WHISPER_DIM,
     WHISPER_LAYERS,
-    MUSETALK_WINDOW,
     AudioWindow,
     frames_ready,
     window_first_feature,

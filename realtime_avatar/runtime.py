@@ -9,10 +9,9 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-
-import numpy as np
 from pathlib import Path
 
+import numpy as np
 import torch
 from whisper.model import AudioEncoder
 
@@ -82,11 +81,11 @@ class Runtime:
         cache = self.__dict__.setdefault("_compute_s", {})
         if batch_size not in cache:
             import torch
+            from whisper.audio import log_mel_spectrogram
 
             from .delays import quantile
             from .session import session_streaming
             from .streaming_whisper import encoder_hidden_states
-            from whisper.audio import log_mel_spectrogram
 
             streaming = session_streaming(self.streaming)
             rng = np.random.default_rng(0)
@@ -109,7 +108,7 @@ class Runtime:
         hop cut to 40 ms, and the compute term measured on this machine (overrides win)."""
         from .session import SessionConfig, session_streaming
 
-        values = dict(streaming=session_streaming(self.streaming), window=self.window, batch_size=batch_size)
+        values = {"streaming": session_streaming(self.streaming), "window": self.window, "batch_size": batch_size}
         if "compute_s" not in overrides and overrides.get("render_budget_s") is None and overrides.get("delay_s") is None:
             values["compute_s"] = self.measure_compute_s(batch_size)
         values.update(overrides)

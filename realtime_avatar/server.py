@@ -34,6 +34,8 @@ from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSes
 from aiortc.mediastreams import AUDIO_PTIME, MediaStreamError
 from aiortc.sdp import SessionDescription
 
+from .rtc_receive import release_all_receivers
+
 log = logging.getLogger(__name__)
 
 WEB_ROOT = Path(__file__).parent / "web"
@@ -344,6 +346,7 @@ class PeerSession:
         return self._close_task is not None
 
     def _on_track(self, track: MediaStreamTrack) -> None:
+        release_all_receivers(self.pc)  # hear the microphone without aiortc's 80 ms prefetch
         if track.kind == "audio" and not self._relay_started:
             self._relay_started = True
             self._own(self._relay_audio(track), on_exit_close=True)

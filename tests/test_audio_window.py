@@ -17,10 +17,16 @@ from realtime_avatar.delays import (
     DurationTracker,
     arrival_jitter,
     frames_to_render,
-    pipeline_delay as delay_terms,
     quantile,
 )
-from realtime_avatar.frame_windows import StreamingFrameWindows, frame_window, offline_frame_windows
+from realtime_avatar.delays import (
+    pipeline_delay as delay_terms,
+)
+from realtime_avatar.frame_windows import (
+    StreamingFrameWindows,
+    frame_window,
+    offline_frame_windows,
+)
 from realtime_avatar.models.audio_contract import (
     LEGACY_COMPACT_CONTRACT,
     MUSETALK_CONTRACT,
@@ -29,7 +35,12 @@ from realtime_avatar.models.audio_contract import (
     read_side_file,
 )
 from realtime_avatar.playback import PlaybackScheduler
-from realtime_avatar.session import SessionConfig, pipeline_delay, session_streaming, window_audio_range
+from realtime_avatar.session import (
+    SessionConfig,
+    pipeline_delay,
+    session_streaming,
+    window_audio_range,
+)
 from realtime_avatar.streaming_whisper import LOW_LATENCY, StreamingConfig
 from realtime_avatar.timing import (
     MUSETALK_WINDOW,
@@ -201,7 +212,7 @@ def test_p99_and_jitter_trackers():
 
 
 def test_render_what_is_due():
-    cost = lambda n: 0.01 + 0.005 * n  # noqa: E731  seconds for a batch of n
+    cost = lambda n: 0.01 + 0.005 * n
     # plenty of time: the whole queue (up to the batch size) in one batch
     assert frames_to_render([1.0, 1.04, 1.08, 1.12], now=0.0, batch_cost=cost, max_batch=4) == 4
     assert frames_to_render([1.0] * 9, now=0.0, batch_cost=cost, max_batch=4) == 4
@@ -248,3 +259,39 @@ def test_trainer_takes_the_window_and_streaming_setting_and_records_them(tmp_pat
     assert tr.main(["--out", str(tmp_path / "x"), "--right-context-ms", "30"]) == 2
     assert "multiple of 20 ms" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------- WebRTC receive
+
+
+def _rtp(seq: int, timestamp: int, marker: bool = False, payload: bytes = b"x"):
+    from aiortc.rtp import RtpPacket
+
+    packet = RtpPacket(payload_type=96, sequence_number=seq, timestamp=timestamp, marker=int(marker))
+    packet._data = payload  # what the receiver's depayloader leaves for the jitter buffer
+    return packet
+
+
+def test_receiver_releases_frames_when_complete():
+    from aiortc.jitterbuffer import JitterBuffer
+
+    from realtime_avatar.rtc_receive import FrameEndJitterBuffer
+
+    # audio: aiortc's own buffer holds a packet until 4 more frames came; ours releases at once
+    stock, ours = JitterBuffer(capacity=16, prefetch=4), FrameEndJitterBuffer(capacity=16)
+    stock_out = [stock.add(_rtp(k, 960 * k))[1] for k in range(6)]
+    ours_out = [ours.add(_rtp(k, 960 * k))[1] for k in range(6)]
+    assert [f is not None for f in stock_out] == [False] * 4 + [True, True]  # 4 packets = 80 ms late
+    assert [f.timestamp for f in ours_out] == [960 * k for k in range(6)]
+    # video: a frame ends at its marker packet, not at the next frame's first packet
+    video = FrameEndJitterBuffer(capacity=64, is_video=True)
+    assert video.add(_rtp(100, 3600, payload=b"a"))[1] is None
+    frame = video.add(_rtp(101, 3600, marker=True, payload=b"b"))[1]
+    assert frame.timestamp == 3600 and frame.data == b"ab"
+    # a missing packet holds the frame back until it comes
+    assert video.add(_rtp(103, 7200, marker=True, payload=b"d"))[1] is None
+    frame = video.add(_rtp(102, 7200, payload=b"c"))[1]
+    assert frame.timestamp == 7200 and frame.data == b"cd"
+    # a lost marker: the next frame's first packet still completes it (aiortc's rule)
+    assert video.add(_rtp(104, 10800, payload=b"e"))[1] is None
+    assert video.add(_rtp(105, 14400, payload=b"f"))[1].data == b"e"

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 from realtime_avatar.streaming_whisper import LOW_LATENCY, StreamingConfig
 from realtime_avatar.timing import MUSETALK_WINDOW, AudioWindow
