@@ -295,3 +295,14 @@ def test_receiver_releases_frames_when_complete():
     # a lost marker: the next frame's first packet still completes it (aiortc's rule)
     assert video.add(_rtp(104, 10800, payload=b"e"))[1] is None
     assert video.add(_rtp(105, 14400, payload=b"f"))[1].data == b"e"
+
+
+def test_runtime_session_config_derives_from_the_model_and_the_machine(runtime):
+    config = runtime.session_config(4)
+    assert config.window == runtime.window == model_audio_contract(runtime.model).window
+    assert config.streaming.hop_s <= 0.04
+    assert config.streaming.lookahead_s == runtime.streaming.lookahead_s  # what the model was trained with
+    assert config.adaptive and 0 < config.compute_s < 10
+    assert config.output_delay_s == pytest.approx(pipeline_delay(config.streaming, config.compute_s + 0.02, config.window))
+    fixed = runtime.session_config(4, render_budget_s=0.5)  # a fixed budget measures nothing
+    assert not fixed.adaptive and fixed.output_delay_s == pytest.approx(pipeline_delay(fixed.streaming, 0.5, fixed.window))
