@@ -31,6 +31,7 @@ DEFAULT_COMPUTE_S = 0.05  # first-session guess before anything was measured (re
 DEFAULT_JITTER_S = 0.02  # one 20 ms Opus packet of input jitter before anything was measured
 DURATION_HISTORY = 200  # render batches / encoder runs kept for the p99 (8 s of 40 ms hops)
 ARRIVAL_HISTORY_S = 10.0  # packets kept for the jitter estimate
+JITTER_SPAN_S = 1.0  # a packet's lateness is compared with the earliest of this span before it
 MIN_SAMPLES = 8  # fewer measurements than this: keep the default
 
 
@@ -91,19 +92,31 @@ class DurationTracker:
         return quantile(self._values, 0.99) if len(self._values) >= MIN_SAMPLES else self.default
 
 
-def arrival_jitter(arrivals: Sequence[tuple[int, float]], sample_rate: int = SAMPLE_RATE) -> float:
+def arrival_jitter(
+    arrivals: Sequence[tuple[int, float]], sample_rate: int = SAMPLE_RATE, span_s: float = JITTER_SPAN_S
+) -> float:
     """p99 input jitter (seconds) of packets given as (samples received so far, wall time).
 
-    Each packet's lateness is its wall time minus its media time (samples / rate); jitter is
-    how much later than the earliest-arriving packet the others are. A playout anchored on any
-    packet and delayed by this much more plays 99% of the following packets on time. A clock
-    that drifts shows up as jitter too, which the delay then covers.
+    Each packet's lateness is its wall time minus its media time (samples / rate); its jitter is
+    how much later than the earliest-arriving packet of the preceding `span_s` it is. A playout
+    anchored on any packet and delayed by this much more plays 99% of the following packets on
+    time. Measured against a sliding minimum, not the minimum of the whole history, so that a
+    sender clock that drifts (or falls behind on a starved machine) is not taken for jitter: the
+    scheduler handles drift by re-anchoring (max_backlog), a buffer cannot.
     """
     if len(arrivals) < 2:
         return 0.0
-    lateness = [t - n / sample_rate for n, t in arrivals]
-    base = min(lateness)
-    return quantile([x - base for x in lateness], 0.99)
+    window: deque[tuple[float, float]] = deque()  # (time, lateness), lateness increasing
+    excess = []
+    for n, t in arrivals:
+        late = t - n / sample_rate
+        while window and window[-1][1] >= late:
+            window.pop()
+        window.append((t, late))
+        while window[0][0] < t - span_s:
+            window.popleft()
+        excess.append(late - window[0][1])
+    return quantile(excess, 0.99)
 
 
 class ArrivalTracker:

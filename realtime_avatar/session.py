@@ -16,9 +16,9 @@ dropped, and the two output queues keep only the newest few ticks when nobody re
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fractions
 import logging
-import dataclasses
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -30,7 +30,7 @@ from whisper.model import AudioEncoder
 
 from .audio_ring import AudioRing, SamplesLost
 from .audio_sources import PcmPushSource
-from .delays import DEFAULT_COMPUTE_S, DEFAULT_JITTER_S, ArrivalTracker, DurationTracker, frames_to_render
+from .delays import DEFAULT_COMPUTE_S, DEFAULT_JITTER_S, ArrivalTracker, DurationTracker, frames_to_render, quantile
 from .frame_windows import FrameAudio, StreamingFrameWindows
 from .playback import PlaybackScheduler, tick_time
 from .renderer import AvatarRenderer
@@ -93,7 +93,7 @@ class SessionConfig:
     render_budget_s: float | None = None
     delay_s: float | None = None  # output delay behind the input; None: pipeline_delay(...)
     window: AudioWindow = MUSETALK_WINDOW  # the model's audio window (Runtime.window)
-    compute_s: float = DEFAULT_COMPUTE_S  # measured p99 encoder run + render batch (Runtime.calibrate)
+    compute_s: float = DEFAULT_COMPUTE_S  # measured p99 encoder run + render batch (Runtime.measure_compute_s)
     max_backlog_s: float = 0.5  # extra latency tolerated before old frames are dropped
     batch_size: int = 4  # frames rendered per model call (more = faster, but adds latency)
     ring_seconds: float = 30.0  # input audio kept; also bounds the render queue
@@ -399,8 +399,7 @@ class AvatarSession:
             "encoder_p99_ms": round(1000 * self._encoder_times.p99(), 1),
             "render_p99_ms": round(1000 * self._render_times.p99(), 1),
             "input_jitter_ms": round(1000 * self._arrivals.jitter(), 1),
-            "tick_lateness_p99_ms": round(1000 * sorted(self._tick_lateness)[int(0.99 * (len(self._tick_lateness) - 1))], 1)
-            if self._tick_lateness else None,
+            "tick_lateness_p99_ms": round(1000 * quantile(self._tick_lateness, 0.99), 1) if self._tick_lateness else None,
             # video and audio of a tick leave together: the offset is zero by construction
             "av_offset_ms": 0.0,
             "input_seconds": round(self.ring.write_index / SAMPLE_RATE, 3),

@@ -202,6 +202,10 @@ def test_p99_and_jitter_trackers():
     arrivals[50] = (320 * 50, 10.0 + 0.02 * 50 + 0.06)
     arrivals[60] = (320 * 60, 10.0 + 0.02 * 60 + 0.03)
     assert arrival_jitter(arrivals) == pytest.approx(0.03)
+    # a sender that falls behind steadily (2 ms per packet: drift, not jitter) is not buffered for
+    drifting = [(320 * k, 10.0 + 0.022 * k) for k in range(200)]
+    assert arrival_jitter(drifting) == pytest.approx(0.002 * 45, abs=0.005)  # only the last 1 s's drift
+    assert arrival_jitter(drifting, span_s=10.0) > 0.3
     tracker = ArrivalTracker(default=0.02, history_s=1.0)
     for n, t_ in arrivals[:5]:
         tracker.add(n, t_)
