@@ -60,6 +60,9 @@ OUTPUT_QUEUE_TICKS = 4  # output frames kept for a slow reader before the oldest
 WINDOW_RIGHT_CONTEXT_S = (WINDOW_FEATURES - WINDOW_PAD_LEFT - FEATURES_PER_FRAME) / FEATURE_RATE
 # The encoder runs at least every 40 ms (one frame): a longer hop is waiting added to every frame.
 MAX_HOP_S = 0.04
+# An encoder run slower than the hop (a loaded machine, many sessions) would leave the encoder
+# behind for good at one hop per run; behind by more than this many hops, a run emits that many.
+CATCH_UP_HOPS = 4
 
 
 def pipeline_delay(
@@ -151,7 +154,7 @@ class AvatarSession:
         self.renderer = renderer
         self.ring = AudioRing(int(config.ring_seconds * SAMPLE_RATE))
         self.input = PcmPushSource(self.ring)
-        self.whisper = StreamingWhisper(encoder, self.ring, config.streaming)
+        self.whisper = StreamingWhisper(encoder, self.ring, config.streaming, catch_up_hops=CATCH_UP_HOPS)
         self.windows = StreamingFrameWindows(window=config.window)
         self.scheduler = PlaybackScheduler(config.output_delay_s, config.max_backlog_s)
         self.video_track = SessionTrack("video")

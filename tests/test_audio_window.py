@@ -310,3 +310,17 @@ def test_runtime_session_config_derives_from_the_model_and_the_machine(runtime):
     assert config.output_delay_s == pytest.approx(pipeline_delay(config.streaming, config.compute_s + 0.02, config.window))
     fixed = runtime.session_config(4, render_budget_s=0.5)  # a fixed budget measures nothing
     assert not fixed.adaptive and fixed.output_delay_s == pytest.approx(pipeline_delay(fixed.streaming, 0.5, fixed.window))
+
+
+def test_encoder_catches_up_when_a_run_is_slower_than_the_hop():
+    from realtime_avatar.streaming_whisper import plan_window
+
+    s = StreamingConfig(window_s=1.0, hop_s=0.04, lookahead_s=0.1)  # hop 2 features, lookahead 5
+    # on time: one hop per run, with or without catch-up
+    on_time = plan_window(100, 107, s, final=False, catch_up_hops=4)
+    assert (on_time.emit_from, on_time.emit_to, on_time.end) == (100, 102, 107)
+    # 10 features behind: one hop per run by default (training's rule), 4 hops when allowed
+    assert plan_window(100, 117, s, final=False).emit_to == 102
+    behind = plan_window(100, 117, s, final=False, catch_up_hops=4)
+    assert (behind.emit_to, behind.end) == (108, 113)  # every emitted feature keeps >= 5 of lookahead
+    assert behind.end - behind.start <= s.window_features
