@@ -31,6 +31,7 @@ DEFAULT_COMPUTE_S = 0.05  # first-session guess before anything was measured (re
 DEFAULT_JITTER_S = 0.02  # one 20 ms Opus packet of input jitter before anything was measured
 DURATION_HISTORY = 200  # render batches / encoder runs kept for the p99 (8 s of 40 ms hops)
 ARRIVAL_HISTORY_S = 10.0  # packets kept for the jitter estimate
+JITTER_REFRESH_S = 0.5  # the jitter estimate is recomputed at most this often
 JITTER_SPAN_S = 1.0  # a packet's lateness is compared with the earliest of this span before it
 MIN_SAMPLES = 8  # fewer measurements than this: keep the default
 
@@ -129,6 +130,7 @@ class ArrivalTracker:
         self.default = default
         self.history_s = history_s
         self._arrivals: deque[tuple[int, float]] = deque()
+        self._cached: tuple[float, float] | None = None  # (newest arrival then, jitter)
 
     def add(self, samples_received: int, now: float) -> None:
         if self._arrivals and now - self._arrivals[-1][1] > self.history_s:
@@ -138,9 +140,14 @@ class ArrivalTracker:
             self._arrivals.popleft()
 
     def jitter(self) -> float:
+        """Recomputed at most every JITTER_REFRESH_S of arrivals (~1 ms for 500 packets: the
+        session's clock asks every tick between spurts, and the event loop is shared)."""
         if len(self._arrivals) < MIN_SAMPLES:
             return self.default
-        return arrival_jitter(list(self._arrivals))
+        newest = self._arrivals[-1][1]
+        if self._cached is None or not 0 <= newest - self._cached[0] < JITTER_REFRESH_S:
+            self._cached = (newest, arrival_jitter(list(self._arrivals)))
+        return self._cached[1]
 
 
 def frames_to_render(
