@@ -61,8 +61,9 @@ WINDOW_RIGHT_CONTEXT_S = (WINDOW_FEATURES - WINDOW_PAD_LEFT - FEATURES_PER_FRAME
 # The encoder runs at least every 40 ms (one frame): a longer hop is waiting added to every frame.
 MAX_HOP_S = 0.04
 # An encoder run slower than the hop (a loaded machine, many sessions) would leave the encoder
-# behind for good at one hop per run; behind by more than this many hops, a run emits that many.
-CATCH_UP_HOPS = 4
+# behind for good at one hop per run; when behind, a run emits up to this many hops (at most
+# half the encoder window: streaming_whisper.plan_window).
+CATCH_UP_HOPS = 25
 
 
 def pipeline_delay(

@@ -98,7 +98,8 @@ def plan_window(
     # backlog is emitted up to catch_up_hops hops at a time (those features hear more).
     hop, lookahead = config.hop_features, config.lookahead_features
     behind_hops = (available_features - next_feature - lookahead) // hop  # hops ready to emit
-    most = max(1, min(catch_up_hops, (config.window_features - lookahead - 1) // hop))  # the window must cover it
+    # the emitted features keep at least half the window as left context
+    most = max(1, min(catch_up_hops, (config.window_features // 2 - lookahead) // hop))
     emit_hop = max(1, min(behind_hops, most)) * hop
     end = min(available_features, segment_end, next_feature + emit_hop + config.lookahead_features)
     zero_pad = 0

@@ -324,3 +324,6 @@ def test_encoder_catches_up_when_a_run_is_slower_than_the_hop():
     behind = plan_window(100, 117, s, final=False, catch_up_hops=4)
     assert (behind.emit_to, behind.end) == (108, 113)  # every emitted feature keeps >= 5 of lookahead
     assert behind.end - behind.start <= s.window_features
+    # far behind: never more than half the window per run (the rest stays left context)
+    far = plan_window(100, 200, s, final=False, catch_up_hops=25)
+    assert far.emit_to - far.emit_from == 20 and far.emit_from - far.start >= s.window_features // 2 - 5
