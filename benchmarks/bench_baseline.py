@@ -91,7 +91,7 @@ def _to_48k(audio16: np.ndarray) -> np.ndarray:
 def run(args: argparse.Namespace, bench: common.BenchRuntime | None = None) -> dict:
     bench = bench or common.load_bench_runtime(args.quick, threads=args.threads, backend=args.backend)
     durations = [float(d) for d in (args.durations or ("3" if args.quick else "3,10,30")).split(",")]
-    config = SessionConfig(streaming=bench.runtime.streaming, batch_size=args.session_batch)
+    config = bench.runtime.session_config(args.session_batch)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for duration in durations:

@@ -202,7 +202,7 @@ def run(args: argparse.Namespace, bench: common.BenchRuntime | None = None) -> d
     seconds = args.seconds or (4.0 if args.quick else 20.0)
     texts = [common.SENTENCES[k % len(common.SENTENCES)] for k in range(int(seconds // 3) + 2)]
     signal = common.onset_signal(texts, 0.4, lead_s=0.5, tail_s=0.0)
-    config = SessionConfig(streaming=bench.runtime.streaming, batch_size=args.session_batch)
+    config = bench.runtime.session_config(args.session_batch)
     per_level, summaries = [], []
     for n in levels:
         detail = asyncio.run(run_level(bench, n, signal, seconds, config, encode=not args.no_encode))

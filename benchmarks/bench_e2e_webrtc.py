@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sys
 import tempfile
 import time
@@ -39,14 +40,12 @@ from common import FRAME_MS  # noqa: E402
 
 from export.evaluate import CLOSED_GAP, measure_openings  # noqa: E402
 
-from realtime_avatar.session import VIDEO_CLOCK_RATE, WINDOW_RIGHT_CONTEXT_S, SessionConfig  # noqa: E402
+from realtime_avatar.session import VIDEO_CLOCK_RATE, SessionConfig  # noqa: E402
 from realtime_avatar.timing import (  # noqa: E402
     FPS,
     SAMPLE_RATE,
     SAMPLES_PER_FEATURE,
     SAMPLES_PER_FRAME,
-    WINDOW_FEATURES,
-    WINDOW_PAD_LEFT,
     window_last_feature,
 )
 
@@ -113,6 +112,7 @@ def _log_sender_pulls(session, find_sender) -> None:
 
 
 def _client_class():
+    from realtime_avatar.rtc_receive import release_all_receivers
     from tests.rtc_client import RtcClient
 
     class MouthClient(RtcClient):
@@ -125,6 +125,8 @@ def _client_class():
             self._box, self._face, self._shape = box, face, frame_shape
 
         def _on_track(self, track):
+            # frames as soon as they are complete, as a browser takes them (rtc_receive.py)
+            release_all_receivers(self.pc)
             if track.kind == "video":
                 track = _MouthTrack(track, self._box, self._face, self._shape, self.frames, self.faces)
             super()._on_track(track)
@@ -321,7 +323,7 @@ def _server_breakdown(session, ticks, by_tick, frames, tick_of, s_on, sent, mout
     if mouth_tick is None:
         return out
     i = mouth_tick.frame
-    final = common.features_final_at(session.encoder_log, window_last_feature(i))
+    final = common.features_final_at(session.encoder_log, window_last_feature(i, session.config.window))
     rendered_at = session._rendered.set_at.get(i)
     out["window_lead_ms"] = (s_on - (i + 1) * SAMPLES_PER_FRAME) / SAMPLE_RATE * 1000
     if final is not None:
@@ -379,11 +381,11 @@ def offline_reference(runtime, signal: common.OnsetSignal, config: SessionConfig
 
     audio = soxr.resample(signal.samples, signal.rate, SAMPLE_RATE).astype(np.float32)
     n_frames = num_frames(len(audio))
-    windows = offline_frame_windows(runtime.clip_features(audio), n_frames)
+    windows = offline_frame_windows(runtime.clip_features(audio), n_frames, config.window)
     renderer, cycle = runtime.renderer, runtime.renderer.cycle_length
 
     def silent(i: int) -> bool:
-        start, end = window_audio_range(i)
+        start, end = window_audio_range(i, config.window)
         clip = audio[max(0, start) : max(0, end)]
         return clip.size == 0 or float(np.sqrt(np.mean(clip * clip))) < config.silence_rms
 
@@ -411,12 +413,19 @@ def summarise(analysis: dict, config: SessionConfig, raw: dict) -> dict:
         return common.summarize([e[key] for e in events if e.get(key) is not None], 1)
 
     s = config.streaming
+    stats = raw["stats"]
     design = {
-        "window_right_context_ms": round(1000 * WINDOW_RIGHT_CONTEXT_S, 1),
+        "window_right_context_ms": round(1000 * config.window.right_context_s, 1),
         "lookahead_ms": round(1000 * s.lookahead_s, 1),
         "hop_ms": round(1000 * s.hop_s, 1),
-        "render_budget_ms": round(1000 * config.render_budget_s, 1),
-        "output_delay_ms": round(1000 * config.output_delay_s, 1),
+        "encoder_window_s": s.window_s,
+        # None: sized from measurements (compute p99 + input jitter), re-sized between spurts
+        "render_budget_ms": None if config.render_budget_s is None else round(1000 * config.render_budget_s, 1),
+        "start_output_delay_ms": round(1000 * config.output_delay_s, 1),
+        "output_delay_ms": stats.get("output_delay_ms"),  # the session's delay at the end of the run
+        "encoder_p99_ms": stats.get("encoder_p99_ms"),
+        "render_p99_ms": stats.get("render_p99_ms"),
+        "input_jitter_ms": stats.get("input_jitter_ms"),
     }
     return {
         "mouth_onset_latency_ms": column("mouth_latency_ms"),
@@ -433,7 +442,7 @@ def summarise(analysis: dict, config: SessionConfig, raw: dict) -> dict:
         "design_ms": design,
         "session_stats": {k: raw["stats"].get(k) for k in (
             "fps", "frames_sent", "late_frames", "dropped_frames", "rendered_frames", "latency_ms",
-            "encoder_ms_per_run")},
+            "encoder_ms_per_run", "encoder_runs", "tick_lateness_p99_ms")},
         "connect_s": round(raw["connected_s"], 2),
     }
 
@@ -455,14 +464,17 @@ def markdown(result: dict) -> str:
     rows = [{"component": label, **_cols(s["breakdown_ms"][key])} for key, label in BREAKDOWN]
     text += "\nBreakdown of the mouth-onset latency (ms)\n\n" + common.markdown_table(rows)
     d = s["design_ms"]
-    text += (f"\nDesign: output delay {d['output_delay_ms']:.0f} ms = right context {d['window_right_context_ms']:.0f}"
-             f" + lookahead {d['lookahead_ms']:.0f} + hop {d['hop_ms']:.0f} + render budget {d['render_budget_ms']:.0f}\n")
+    budget = (f"render budget {d['render_budget_ms']:.0f}" if d["render_budget_ms"] is not None else
+              f"measured compute p99 {d['encoder_p99_ms']} + {d['render_p99_ms']} and input jitter {d['input_jitter_ms']}")
+    text += (f"\nDesign: output delay {d['output_delay_ms']:.0f} ms (started at {d['start_output_delay_ms']:.0f}) = right "
+             f"context {d['window_right_context_ms']:.0f} + lookahead {d['lookahead_ms']:.0f} + hop {d['hop_ms']:.0f} + "
+             f"{budget}; receivers: {result['settings'].get('receivers')}\n")
     return text
 
 
 def _cols(stats: dict) -> dict:
-    return {"min": stats.get("min"), "median": stats["median"], "p90": stats["p90"], "max": stats["max"],
-            "n": stats["n"]}
+    return {"min": stats.get("min"), "median": stats["median"], "p90": stats["p90"], "p99": stats.get("p99"),
+            "max": stats["max"], "n": stats["n"]}
 
 
 def plot(result: dict, plots: Path | None) -> list[str]:
@@ -490,11 +502,15 @@ def run(args: argparse.Namespace, bench: common.BenchRuntime | None = None) -> d
     bench = bench or common.load_bench_runtime(args.quick, threads=args.threads, backend=args.backend)
     words = args.words or (3 if args.quick else 16)
     signal = common.onset_signal(common.onset_words(words), GAP_S, lead_s=LEAD_S, tail_s=0.5)
-    config = SessionConfig(streaming=bench.runtime.streaming, batch_size=args.session_batch,
-                           render_budget_s=args.render_budget)
+    from realtime_avatar import rtc_receive
+
+    rtc_receive.ENABLED = not args.stock_receivers
+    config = bench.runtime.session_config(args.session_batch, render_budget_s=args.render_budget)
+    if args.hop is not None:
+        config = dataclasses.replace(config, streaming=dataclasses.replace(config.streaming, hop_s=args.hop))
     raw = asyncio.run(run_loopback(bench, signal, config, tail_s=config.output_delay_s + 0.6))
-    # a frame plays output_delay after its audio arrived, and its window hears 120 ms ahead
-    lead = (WINDOW_FEATURES - WINDOW_PAD_LEFT) * SAMPLES_PER_FEATURE / SAMPLE_RATE
+    # a frame plays output_delay after its audio arrived, and its window hears (last+1) features ahead
+    lead = (config.window.last + 1) * SAMPLES_PER_FEATURE / SAMPLE_RATE
     analysis = analyse(raw, signal, bench.runtime, max(0.0, config.output_delay_s - lead))
     reference = offline_reference(bench.runtime, signal, config, raw["face"])
     for event, offline in zip(analysis["events"], reference):
@@ -505,7 +521,8 @@ def run(args: argparse.Namespace, bench: common.BenchRuntime | None = None) -> d
                 event["av_offset_streaming_ms"] = event["av_offset_pipeline_ms"] - event["av_transport_skew_ms"]
     result = common.header("e2e_webrtc", args, bench)
     result["settings"] = {"words": words, "gap_s": GAP_S, "session_batch": args.session_batch,
-                          "render_budget_s": args.render_budget,
+                          "render_budget_s": args.render_budget, "hop_s": config.streaming.hop_s,
+                          "receivers": "aiortc stock" if args.stock_receivers else "frame-end (rtc_receive)",
                           "signal_s": round(signal.seconds, 2)}
     result["summary"] = summarise(analysis, config, raw)
     result.update({k: v for k, v in analysis.items()})
@@ -520,9 +537,12 @@ def parser() -> argparse.ArgumentParser:
     common.add_common_args(p)
     p.add_argument("--words", type=int, default=None, help="onsets to send (default 16; --quick 3)")
     p.add_argument("--session-batch", type=int, default=4, help="frames per model call (serve's default 4)")
-    p.add_argument("--render-budget", type=float, default=SessionConfig.render_budget_s,
-                   help="seconds the session allows for encoder + render before a frame is late "
-                        f"(default {SessionConfig.render_budget_s}, the session's own)")
+    p.add_argument("--render-budget", type=float, default=None,
+                   help="fixed seconds the session allows for encoder + render + jitter before a frame is late "
+                        "(default: sized from measured p99 compute and input jitter, as serve does)")
+    p.add_argument("--hop", type=float, default=None, help="encoder hop in seconds (default: serve's, <= 0.04)")
+    p.add_argument("--stock-receivers", action="store_true",
+                   help="leave aiortc's receive jitter buffers as they are (measures what rtc_receive saves)")
     return p
 
 

@@ -34,6 +34,7 @@ from bench_streaming_whisper import run_setting  # noqa: E402
 from realtime_avatar.audio_sources import read_audio_file  # noqa: E402
 from realtime_avatar.cli import speech_sample  # noqa: E402
 from realtime_avatar.frame_windows import offline_frame_windows  # noqa: E402
+from realtime_avatar.delays import DEFAULT_JITTER_S  # noqa: E402
 from realtime_avatar.session import WINDOW_RIGHT_CONTEXT_S, SessionConfig, pipeline_delay  # noqa: E402
 from realtime_avatar.streaming_whisper import LOW_LATENCY, StreamingConfig, offline_features  # noqa: E402
 from realtime_avatar.timing import SAMPLE_RATE  # noqa: E402
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace, bench: common.BenchRuntime | None = None) -> d
         audio = audio[: 4 * SAMPLE_RATE]
     offline = offline_features(encoder, audio)
     render_ms = render_batch_ms(bench, args.session_batch, 3 if args.quick else 15)
-    budget = SessionConfig.render_budget_s
+    budget = SessionConfig().compute_s + DEFAULT_JITTER_S  # a session's starting budget (delays.py)
     rows = []
     for window in windows:
         for lookahead in lookaheads:

@@ -246,7 +246,7 @@ def run(args: argparse.Namespace, bench: common.BenchRuntime | None = None) -> d
     bench = bench or common.load_bench_runtime(args.quick, threads=args.threads, backend=args.backend)
     seconds = args.seconds or (30.0 if args.quick else 600.0)
     signal = speech_and_silence(seconds)
-    config = SessionConfig(streaming=bench.runtime.streaming, batch_size=args.session_batch)
+    config = bench.runtime.session_config(args.session_batch)
     raw = asyncio.run(run_session(bench, signal, seconds, config))
     result = common.header("sustained", args, bench)
     bin_s = 2.0 if seconds <= 60 else 10.0

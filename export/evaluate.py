@@ -215,8 +215,11 @@ def evaluate(
     """
     from export.dataset import generate_clip
     from realtime_avatar.frame_windows import offline_frame_windows
+    from realtime_avatar.models.audio_contract import model_audio_contract
     from realtime_avatar.runtime import model_streaming_config
     from realtime_avatar.streaming_whisper import offline_features, stream_features
+
+    window = model_audio_contract(model).window  # the frames hear what the model was trained on
 
     if clip_features is None:
         config, offline = model_streaming_config(model)
@@ -231,7 +234,7 @@ def evaluate(
     pause_closed = pause_total = 0
     for seed in seeds:
         clip = generate_clip(seed, "heldout")
-        windows = offline_frame_windows(clip_features(clip.audio), clip.n_frames)
+        windows = offline_frame_windows(clip_features(clip.audio), clip.n_frames, window)
         rendered = render_through_avatar(model, avatar, windows, batch_size)
         openings = measure_openings(rendered.frames)
         poses = clip.curves.as_array()
@@ -254,7 +257,7 @@ def evaluate(
             kept["clips"].append({"seed": seed, "frames": rendered.frames, "jaw": jaw, "openings": openings})
 
     silence = np.zeros(int(PURE_SILENCE_SECONDS * SAMPLE_RATE), np.float32)
-    silent_windows = offline_frame_windows(clip_features(silence))
+    silent_windows = offline_frame_windows(clip_features(silence), None, window)
     silent = render_through_avatar(model, avatar, silent_windows, batch_size)
     outside += silent.outside_changed
     pure_closed, pure_total = closed_fraction(measure_openings(silent.frames))

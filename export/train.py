@@ -58,7 +58,8 @@ from realtime_avatar.frame_windows import offline_frame_windows
 from realtime_avatar.models.base import MASKED_ROWS_FROM, PATCH_SIZE
 from realtime_avatar.models.compact import CompactConfig, CompactModel, CompactNet, count_parameters
 from realtime_avatar.streaming_whisper import LOW_LATENCY, StreamingConfig, stream_features
-from realtime_avatar.timing import SAMPLES_PER_FRAME, WINDOW_FEATURES
+from realtime_avatar.models.audio_contract import AudioContract
+from realtime_avatar.timing import MUSETALK_WINDOW, SAMPLES_PER_FRAME, WINDOW_FEATURES, AudioWindow
 
 log = logging.getLogger("export.train")
 
@@ -125,6 +126,10 @@ class TrainSettings:
     video: Path | None = None  # personal model: train on this talking-head video
     init: Path | None = None  # start from these compact weights (personal models: the default)
     model: CompactConfig = DEFAULT_MODEL
+    # What the model hears (recorded in its metadata, read back by the runtime): the per-frame
+    # audio window and the live encoder setting its training features are streamed with.
+    window: AudioWindow = MUSETALK_WINDOW
+    streaming: StreamingConfig = LOW_LATENCY
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -179,14 +184,27 @@ class ClipData:
             return None
 
 
-def clip_windows(encoder, audio16k: np.ndarray, n_frames: int, config: StreamingConfig = LOW_LATENCY) -> np.ndarray:
+def clip_windows(
+    encoder, audio16k: np.ndarray, n_frames: int, config: StreamingConfig = LOW_LATENCY,
+    window: AudioWindow = MUSETALK_WINDOW,
+) -> np.ndarray:
     """[n_frames, 50, 384] float16 windows of the features a live stream of this audio gives."""
     features = stream_features(encoder, audio16k, config)
-    return offline_frame_windows(features, n_frames).astype(np.float16)
+    return offline_frame_windows(features, n_frames, window).astype(np.float16)
+
+
+def features_tag(window: AudioWindow, streaming: StreamingConfig) -> str:
+    """Suffix of cached clip files made at a non-default hearing setting ('' for the default,
+    so existing caches stay valid): clips made for one setting are never read for another."""
+    if window == MUSETALK_WINDOW and streaming == LOW_LATENCY:
+        return ""
+    return (f"-w{window.first}_{window.last}-s{round(streaming.window_s * 1000)}_{round(streaming.hop_s * 1000)}"
+            f"_{round(streaming.lookahead_s * 1000)}")
 
 
 def subclip_windows(
-    encoder, audio16k: np.ndarray, n_frames: int, rng: np.random.Generator, count: int
+    encoder, audio16k: np.ndarray, n_frames: int, rng: np.random.Generator, count: int,
+    config: StreamingConfig = LOW_LATENCY, window: AudioWindow = MUSETALK_WINDOW,
 ) -> list[tuple[int, np.ndarray]]:
     """Windows of `count` random sub-clips (>= MIN_SUBCLIP_FRAMES frames), each streamed on its
     own from its first sample, as a session that starts there would hear it."""
@@ -197,7 +215,7 @@ def subclip_windows(
         length = int(rng.integers(MIN_SUBCLIP_FRAMES, min(n_frames, MAX_SUBCLIP_FRAMES) + 1))
         start = int(rng.integers(0, n_frames - length + 1))
         audio = audio16k[start * SAMPLES_PER_FRAME : (start + length) * SAMPLES_PER_FRAME]
-        out.append((start, clip_windows(encoder, audio, length)))
+        out.append((start, clip_windows(encoder, audio, length, config, window)))
     return out
 
 
@@ -207,7 +225,10 @@ def photo_crops(generator, clip, indices: Sequence[int]) -> np.ndarray:
     return generator.render_frames(clip.face_index, None, clip.augmentation, indices)[0]
 
 
-def prepare_teacher_clip(seed: int, split: str, encoder, subclips: int) -> ClipData:
+def prepare_teacher_clip(
+    seed: int, split: str, encoder, subclips: int,
+    streaming: StreamingConfig = LOW_LATENCY, window: AudioWindow = MUSETALK_WINDOW,
+) -> ClipData:
     """One generated clip -> ClipData (deterministic in seed and split)."""
     from export.dataset import default_generator
 
@@ -219,8 +240,8 @@ def prepare_teacher_clip(seed: int, split: str, encoder, subclips: int) -> ClipD
     return ClipData(
         name=f"{split}-{seed:05d}",
         frames=clip.frames,
-        windows=clip_windows(encoder, clip.audio, n),
-        subclips=subclip_windows(encoder, clip.audio, n, rng, subclips),
+        windows=clip_windows(encoder, clip.audio, n, streaming, window),
+        subclips=subclip_windows(encoder, clip.audio, n, rng, subclips, streaming, window),
         mouth=clip.curves.as_array().astype(np.float32),
         photos=photo_crops(generator, clip, photo_at),
     )
@@ -237,25 +258,31 @@ def _worker_init() -> None:
     _worker_encoder = load_whisper(WHISPER).encoder
 
 
-def _worker_prepare(job: tuple[int, str, int, str]) -> str:
-    seed, split, subclips, path = job
-    prepare_teacher_clip(seed, split, _worker_encoder, subclips).save(Path(path))
+def _worker_prepare(job: tuple) -> str:
+    seed, split, subclips, path, *hearing = job  # hearing: (streaming json, window json) or absent
+    streaming, window = LOW_LATENCY, MUSETALK_WINDOW
+    if hearing:
+        streaming, window = StreamingConfig(**json.loads(hearing[0])), AudioWindow.from_json(hearing[1])
+    prepare_teacher_clip(seed, split, _worker_encoder, subclips, streaming, window).save(Path(path))
     return path
 
 
 def build_teacher_dataset(
-    cache: Path, seeds: Sequence[int], split: str, subclips: int, workers: int
+    cache: Path, seeds: Sequence[int], split: str, subclips: int, workers: int,
+    streaming: StreamingConfig = LOW_LATENCY, window: AudioWindow = MUSETALK_WINDOW,
 ) -> list[ClipData]:
     """Generate (or load from `cache`) the clips of `seeds`; `workers` processes generate."""
     cache.mkdir(parents=True, exist_ok=True)
-    paths = [cache / f"{split}-{seed:05d}.npz" for seed in seeds]
+    tag = features_tag(window, streaming)
+    paths = [cache / f"{split}-{seed:05d}{tag}.npz" for seed in seeds]
     missing = [(s, p) for s, p in zip(seeds, paths) if ClipData.load(p) is None]
     if missing:
         # by module name, not __main__: spawned workers import the functions from there
         from export.train import _worker_init, _worker_prepare
 
         log.info("preparing %d clips (%d cached) with %d workers", len(missing), len(seeds) - len(missing), workers)
-        jobs = [(s, split, subclips, str(p)) for s, p in missing]
+        hearing = (json.dumps(dataclasses.asdict(streaming)), window.to_json())
+        jobs = [(s, split, subclips, str(p), *hearing) for s, p in missing]
         t0 = time.perf_counter()
         if workers > 1:
             import multiprocessing
@@ -671,7 +698,8 @@ def model_notes(settings: TrainSettings, progress: Progress) -> dict[str, str]:
     if progress.stage != "done":
         steps[progress.stage] = progress.step  # a snapshot taken mid-stage
     return {
-        "streaming": json.dumps(dataclasses.asdict(LOW_LATENCY)),
+        # audio_window + streaming: the model's audio contract (realtime_avatar.models.audio_contract)
+        **AudioContract(settings.window, settings.streaming).to_notes(),
         "whisper": WHISPER,
         "data": data,
         "steps": json.dumps(steps),
@@ -699,6 +727,7 @@ def export_snapshot(out: Path, path: Path | None = None) -> Path:
     settings = TrainSettings(
         out=Path(saved["out"]), minutes=saved["minutes"], clips=saved["clips"], seed=saved["seed"],
         video=None if saved["video"] is None else Path(saved["video"]), model=config,
+        **hearing_from_json(saved),
     )
     net = CompactNet(config)
     net.load_state_dict(state["net"])
@@ -714,7 +743,32 @@ def load_clips(settings: TrainSettings) -> list[ClipData]:
         return prepare_video(settings.video, settings.out / "clips", subclips=settings.subclips_per_clip * 4)
     first = settings.seed * 100000  # seed 0: clips 0..N-1; another seed: another set of clips
     seeds = list(range(first, first + settings.clips))
-    return build_teacher_dataset(settings.out / "clips", seeds, "train", settings.subclips_per_clip, settings.workers)
+    return build_teacher_dataset(settings.out / "clips", seeds, "train", settings.subclips_per_clip, settings.workers,
+                                 settings.streaming, settings.window)
+
+
+def hearing_from_json(saved: dict) -> dict:
+    """window/streaming TrainSettings fields from a checkpoint's saved settings (older
+    checkpoints recorded neither: they were trained at the defaults)."""
+    out = {}
+    if saved.get("window") is not None:
+        out["window"] = AudioWindow(**saved["window"])
+    if saved.get("streaming") is not None:
+        out["streaming"] = StreamingConfig(**saved["streaming"])
+    return out
+
+
+def hearing_from_args(args) -> dict:
+    """window/streaming TrainSettings fields from the CLI options (absent: the defaults)."""
+    base = LOW_LATENCY
+    streaming = StreamingConfig(
+        window_s=base.window_s if args.encoder_window is None else args.encoder_window,
+        hop_s=base.hop_s if args.hop is None else args.hop,
+        lookahead_s=base.lookahead_s if args.lookahead is None else args.lookahead,
+        layout=base.layout,
+    )
+    window = MUSETALK_WINDOW if args.right_context_ms is None else AudioWindow.with_right_context(args.right_context_ms)
+    return {"window": window, "streaming": streaming}
 
 
 def initial_net(settings: TrainSettings) -> CompactNet:
@@ -743,7 +797,8 @@ def train(
     if resume:
         saved = torch.load(checkpoint, map_location="cpu", weights_only=False)["settings"]
         config = CompactConfig.from_json(json.dumps(saved["model"]))
-        settings = dataclasses.replace(settings, model=config, init=None)
+        # a resumed run hears what it started with, whatever the command line says now
+        settings = dataclasses.replace(settings, model=config, init=None, **hearing_from_json(saved))
 
     clips = load_clips(settings)
     net = initial_net(settings)
@@ -821,6 +876,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=d.workers, help="processes that prepare clips")
     parser.add_argument("--checkpoint-minutes", type=float, default=d.checkpoint_minutes)
     parser.add_argument("--copy-to", type=Path, default=None, help="also copy the final model here")
+    g = parser.add_argument_group("what the model hears (recorded in the model's metadata; sessions derive their delay from it)")
+    g.add_argument("--right-context-ms", type=float, default=None,
+                   help="audio after a frame's end its 10-feature window reaches, a multiple of 20 ms "
+                        "(default 80: MuseTalk's window 2i-4..2i+5; 40: 2i-6..2i+3; 0: 2i-8..2i+1)")
+    g.add_argument("--lookahead", type=float, default=None,
+                   help=f"streaming encoder lookahead in seconds the features are made with (default {LOW_LATENCY.lookahead_s:g})")
+    g.add_argument("--hop", type=float, default=None,
+                   help=f"streaming encoder hop in seconds (default {LOW_LATENCY.hop_s:g}; live sessions run at <= 0.04)")
+    g.add_argument("--encoder-window", type=float, default=None,
+                   help=f"streaming encoder window in seconds (default {LOW_LATENCY.window_s:g})")
     parser.add_argument("--snapshot", action="store_true",
                         help="no training: save the model of OUT/checkpoint.pt (to --copy-to, else OUT/snapshot.safetensors)")
     return parser
@@ -837,11 +902,20 @@ def main(argv: list[str] | None = None) -> int:
         from realtime_avatar.models.registry import DEFAULT_COMPACT_WEIGHTS
 
         init = DEFAULT_COMPACT_WEIGHTS if DEFAULT_COMPACT_WEIGHTS.is_file() else None
+    try:
+        hearing = hearing_from_args(args)
+    except ValueError as exc:
+        print(f"python -m export.train: {exc}", file=sys.stderr)
+        return 2
     settings = TrainSettings(
         out=args.out, minutes=args.minutes, clips=args.clips, seed=args.seed, video=args.video, init=init,
         batch_size=args.batch_size, precision=args.precision, threads=args.threads, workers=args.workers,
-        checkpoint_minutes=args.checkpoint_minutes,
+        checkpoint_minutes=args.checkpoint_minutes, **hearing,
     )  # fmt: skip
+    if args.video is not None and (hearing["window"] != MUSETALK_WINDOW or hearing["streaming"] != LOW_LATENCY):
+        print("python -m export.train: --right-context-ms/--lookahead/--hop/--encoder-window are not "
+              "supported with --video yet (personal models hear what the default model hears)", file=sys.stderr)
+        return 2
     if args.video is not None and not args.video.is_file():
         print(f"{args.video}: no such video file", file=sys.stderr)
         return 2

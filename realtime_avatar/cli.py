@@ -192,7 +192,8 @@ def cmd_render(args) -> int:
             return 2
     runtime = _runtime(args)
     audio = Path(args.audio) if args.audio else speech_sample()
-    result = render_clip(runtime.renderer, runtime.clip_features, audio, args.output, progress=not args.no_progress)
+    result = render_clip(runtime.renderer, runtime.clip_features, audio, args.output, progress=not args.no_progress,
+                         window=runtime.window)
     summary = {
         "output": str(result.path), "frames": result.frames, "audio_seconds": round(result.audio_seconds, 3),
         "features_seconds": round(result.features_seconds, 2), "render_seconds": round(result.render_seconds, 2),
@@ -223,9 +224,9 @@ def _push_rendered(mp4: Path, url: str) -> dict:
 
 
 def _session_factory(runtime, args):
-    from .session import AvatarSession, SessionConfig
+    from .session import AvatarSession
 
-    config = SessionConfig(streaming=runtime.streaming, batch_size=args.session_batch)
+    config = runtime.session_config(args.session_batch)
 
     async def factory():
         return AvatarSession(runtime.encoder, runtime.renderer, config)
@@ -377,7 +378,6 @@ def cmd_live(args) -> int:
     """Microphone -> avatar on this machine (PortAudio), shown in a window (or, with no display, on
     a local page) and recorded to an MP4 when --record is given."""
     from .audio_sources import list_input_devices
-    from .session import SessionConfig
 
     if args.list_devices:
         for d in list_input_devices():
@@ -397,7 +397,7 @@ def cmd_live(args) -> int:
             print(f"realtime-avatar live: --rtmp: {exc}", file=sys.stderr)
             return 2
     runtime = _runtime(args)
-    config = SessionConfig(streaming=runtime.streaming, batch_size=args.session_batch)
+    config = runtime.session_config(args.session_batch)
     device = _input_device(args.input_device)
     print("listening: speak into the microphone (Ctrl+C to stop)", file=sys.stderr)
     try:

@@ -9,6 +9,10 @@ adds the same table for callers that drive a bare UNet (MuseTalk's scripts add i
 
 The offline path (whole clip) and the streaming path (frames released as soon as their last
 feature exists) produce identical windows for identical features.
+
+The window is the model's (`timing.AudioWindow`, read from its weights' metadata): MuseTalk's
+2i-4 .. 2i+5 is the default; our own models may hear less right context (e.g. 2i-8 .. 2i+1, the
+same 10 features shifted left) so that a frame can be rendered sooner.
 """
 
 from __future__ import annotations
@@ -19,39 +23,44 @@ import numpy as np
 
 from .timing import (
     FEATURES_PER_FRAME,
+    MUSETALK_WINDOW,
     WHISPER_DIM,
     WHISPER_LAYERS,
-    WINDOW_FEATURES,
+    AudioWindow,
     frames_ready,
     window_first_feature,
 )
 
 
-def frame_window(features: np.ndarray, frame: int, first_index: int = 0) -> np.ndarray:
-    """The [50,384] window of one frame.
+def frame_window(
+    features: np.ndarray, frame: int, first_index: int = 0, window: AudioWindow = MUSETALK_WINDOW
+) -> np.ndarray:
+    """The [window.length*5, 384] window of one frame ([50,384] for 10-feature windows).
 
     `features` holds original features first_index .. first_index+len-1 ([n,5,384]); positions
     of the window outside that range (clip edges) are zeros. Callers must pass every feature of
     the window that exists in the clip.
     """
     layers, dim = features.shape[1:]
-    window = np.zeros((WINDOW_FEATURES, layers, dim), dtype=np.float32)
-    lo = window_first_feature(frame)  # absolute index of window slot 0
+    out = np.zeros((window.length, layers, dim), dtype=np.float32)
+    lo = window_first_feature(frame, window)  # absolute index of window slot 0
     src_lo = max(lo, first_index)
-    src_hi = min(lo + WINDOW_FEATURES, first_index + len(features))
+    src_hi = min(lo + window.length, first_index + len(features))
     if src_hi > src_lo:
-        window[src_lo - lo : src_hi - lo] = features[src_lo - first_index : src_hi - first_index]
-    return window.reshape(WINDOW_FEATURES * layers, dim)  # time-major: (t, layer) -> token
+        out[src_lo - lo : src_hi - lo] = features[src_lo - first_index : src_hi - first_index]
+    return out.reshape(window.length * layers, dim)  # time-major: (t, layer) -> token
 
 
-def offline_frame_windows(features: np.ndarray, n_frames: int | None = None) -> np.ndarray:
+def offline_frame_windows(
+    features: np.ndarray, n_frames: int | None = None, window: AudioWindow = MUSETALK_WINDOW
+) -> np.ndarray:
     """All windows of a whole clip: features [T,5,384] -> [n_frames,50,384] (n_frames = T//2)."""
     if n_frames is None:
         n_frames = len(features) // FEATURES_PER_FRAME
     layers, dim = features.shape[1:]
-    out = np.empty((n_frames, WINDOW_FEATURES * layers, dim), dtype=np.float32)
+    out = np.empty((n_frames, window.length * layers, dim), dtype=np.float32)
     for i in range(n_frames):
-        out[i] = frame_window(features, i)
+        out[i] = frame_window(features, i, 0, window)
     return out
 
 
@@ -80,7 +89,8 @@ class StreamingFrameWindows:
     kept, so memory stays bounded on endless streams.
     """
 
-    def __init__(self, layers: int = WHISPER_LAYERS, dim: int = WHISPER_DIM):
+    def __init__(self, layers: int = WHISPER_LAYERS, dim: int = WHISPER_DIM, window: AudioWindow = MUSETALK_WINDOW):
+        self.window = window
         self._buffer = np.zeros((0, layers, dim), dtype=np.float32)
         self._buffer_first = 0  # absolute index of _buffer[0]
         self._received = 0  # features [0, _received) have arrived
@@ -118,13 +128,13 @@ class StreamingFrameWindows:
         self._total = None
 
     def _release(self) -> list[FrameAudio]:
-        n_ready = frames_ready(self._received, self._total)
+        n_ready = frames_ready(self._received, self._total, self.window)
         frames = []
         for i in range(self._next_frame, n_ready):
-            frames.append(FrameAudio(i, frame_window(self._buffer, i, self._buffer_first)))
+            frames.append(FrameAudio(i, frame_window(self._buffer, i, self._buffer_first, self.window)))
         self._next_frame = max(self._next_frame, n_ready)
         # keep only what the next frame's window can still reach
-        keep_from = max(self._buffer_first, window_first_feature(self._next_frame))
+        keep_from = max(self._buffer_first, window_first_feature(self._next_frame, self.window))
         self._buffer = self._buffer[keep_from - self._buffer_first :]
         self._buffer_first = keep_from
         return frames

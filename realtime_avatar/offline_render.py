@@ -23,7 +23,7 @@ from tqdm import tqdm
 from .audio_sources import AudioSourceError, read_audio_file
 from .frame_windows import offline_frame_windows
 from .renderer import AvatarRenderer
-from .timing import FPS, SAMPLE_RATE, num_frames
+from .timing import FPS, MUSETALK_WINDOW, SAMPLE_RATE, AudioWindow, num_frames
 from .video_encoding import H264_CRF, add_h264_stream, video_frame
 
 AAC_BITRATE = 128_000
@@ -62,7 +62,9 @@ def render_clip(
     out_path: str | Path,
     *,
     progress: bool = True,
+    window: AudioWindow = MUSETALK_WINDOW,
 ) -> RenderResult:
+    """Render audio_path to out_path. `window`: the model's audio window (Runtime.window)."""
     audio_path, out_path = Path(audio_path), Path(out_path)
     t_start = time.perf_counter()
     audio16 = read_audio_file(audio_path)
@@ -70,7 +72,7 @@ def render_clip(
     if n_frames == 0:
         raise AudioSourceError(f"{audio_path}: shorter than one video frame (40 ms)")
     features = clip_features(audio16)
-    windows = offline_frame_windows(features, n_frames)
+    windows = offline_frame_windows(features, n_frames, window)
     t_features = time.perf_counter()
 
     original, rate = _original_audio(audio_path)

@@ -95,6 +95,15 @@ class PlaybackScheduler:
         self.stats.idle += 1
         return None
 
+    @property
+    def anchored(self) -> bool:
+        """A talk spurt is playing: its frames' times are fixed (change `delay_s` only when not)."""
+        return self._anchor is not None
+
+    def due(self, frame: int) -> float | None:
+        """Wall time input `frame` plays at in the current spurt; None when no spurt is anchored."""
+        return None if self._anchor is None else self._due(frame)
+
     def pending(self) -> int:
         """Input frames that arrived and wait to be played."""
         return len(self._arrivals)

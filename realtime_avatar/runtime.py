@@ -6,14 +6,12 @@ A server holds one Runtime and creates an AvatarSession per connection from it; 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
-
-import numpy as np
 from pathlib import Path
 
+import numpy as np
 import torch
 from whisper.model import AudioEncoder
 
@@ -29,10 +27,12 @@ from .avatar import (
 from .device import choose_device, choose_precision
 from .encoder_batching import EncoderBatcher
 from .frame_engine import FrameEngine
+from .models.audio_contract import AudioContract, model_audio_contract
 from .models.base import RendererModel
 from .models.registry import load_model
 from .renderer import AvatarRenderer, silence_window
-from .streaming_whisper import LOW_LATENCY, StreamingConfig, offline_features, stream_features
+from .streaming_whisper import StreamingConfig, offline_features, stream_features
+from .timing import AudioWindow
 from .whisper_weights import load_whisper
 
 log = logging.getLogger(__name__)
@@ -41,16 +41,13 @@ log = logging.getLogger(__name__)
 def model_streaming_config(model: RendererModel) -> tuple[StreamingConfig, bool]:
     """The encoder setting a model was trained with, and whether it wants offline features.
 
-    Our compact models record the live setting they were trained on in their notes; MuseTalk was
-    trained on offline (whole-segment) features, so live sessions use the parity setting
-    (4 s windows, 0.5 s lookahead) and offline renders use the offline pass itself.
+    Read from the model's audio contract (models/audio_contract.py): our compact models record
+    the live setting they were trained on; MuseTalk was trained on offline (whole-segment)
+    features, so live sessions use the parity setting (4 s windows, 0.5 s lookahead) and offline
+    renders use the offline pass itself.
     """
-    notes = getattr(model, "notes", {}) or {}
-    if "streaming" in notes:
-        return StreamingConfig(**json.loads(notes["streaming"])), False
-    if model.model_id.startswith("musetalk"):
-        return StreamingConfig(), True
-    return LOW_LATENCY, False
+    contract = model_audio_contract(model)
+    return contract.streaming, contract.offline
 
 
 @dataclass
@@ -78,13 +75,65 @@ class Runtime:
             await batcher.close()
 
     @property
+    def audio_contract(self) -> AudioContract:
+        """The model's audio window and encoder setting (what sessions and renders derive from)."""
+        return model_audio_contract(self.model)
+
+    @property
     def streaming(self) -> StreamingConfig:
-        return model_streaming_config(self.model)[0]
+        return self.audio_contract.streaming
+
+    @property
+    def window(self) -> AudioWindow:
+        return self.audio_contract.window
 
     def clip_features(self, audio16k: np.ndarray) -> np.ndarray:
         """Features of a whole clip, computed the way the model was trained to hear them."""
-        config, offline = model_streaming_config(self.model)
-        return offline_features(self.encoder, audio16k) if offline else stream_features(self.encoder, audio16k, config)
+        contract = self.audio_contract
+        if contract.offline:
+            return offline_features(self.encoder, audio16k)
+        return stream_features(self.encoder, audio16k, contract.streaming)
+
+    def measure_compute_s(self, batch_size: int, runs: int = 12) -> float:
+        """p99 (of `runs`) of one live encoder run plus one render batch of `batch_size`, in
+        seconds, measured now on this machine: the compute term of a session's first output
+        delay (delays.py). Cached per batch size; about `runs` x (encoder + batch) to measure."""
+        cache = self.__dict__.setdefault("_compute_s", {})
+        if batch_size not in cache:
+            import torch
+            from whisper.audio import log_mel_spectrogram
+
+            from .delays import quantile
+            from .session import session_streaming
+            from .streaming_whisper import encoder_hidden_states
+
+            streaming = session_streaming(self.streaming)
+            rng = np.random.default_rng(0)
+            audio = (0.05 * rng.standard_normal(int(streaming.window_s * 16000))).astype(np.float32)
+            windows = rng.standard_normal((batch_size, self.window.tokens, 384)).astype(np.float32)
+            times = []
+            with torch.no_grad():
+                for k in range(runs + 2):  # two warm-up runs
+                    t0 = time.perf_counter()
+                    mel = log_mel_spectrogram(torch.from_numpy(audio), n_mels=self.encoder.conv1.in_channels)
+                    mel = mel.to(self.encoder.conv1.weight.device)  # the encoder's device (cpu or cuda)
+                    encoder_hidden_states(self.encoder, mel, 0, streaming.layout)
+                    self.renderer.render(list(range(batch_size)), windows)
+                    if k >= 2:
+                        times.append(time.perf_counter() - t0)
+            cache[batch_size] = quantile(times, 0.99)
+        return cache[batch_size]
+
+    def session_config(self, batch_size: int = 4, **overrides):
+        """A SessionConfig for this model: its audio window, its trained encoder setting with the
+        hop cut to 40 ms, and the compute term measured on this machine (overrides win)."""
+        from .session import SessionConfig, session_streaming
+
+        values = {"streaming": session_streaming(self.streaming), "window": self.window, "batch_size": batch_size}
+        if "compute_s" not in overrides and overrides.get("render_budget_s") is None and overrides.get("delay_s") is None:
+            values["compute_s"] = self.measure_compute_s(batch_size)
+        values.update(overrides)
+        return SessionConfig(**values)
 
     def describe(self) -> str:
         a = self.avatar

@@ -43,6 +43,7 @@ from .fanout import outputs_of
 
 if TYPE_CHECKING:
     from .broadcast import BroadcastOptions
+from .rtc_receive import release_all_receivers
 
 log = logging.getLogger(__name__)
 
@@ -474,6 +475,7 @@ class PeerSession:
         return self._close_task is not None
 
     def _on_track(self, track: MediaStreamTrack) -> None:
+        release_all_receivers(self.pc)  # hear the microphone without aiortc's 80 ms prefetch
         if track.kind == "audio" and not self._relay_started:
             self._relay_started = True
             self._own(self._relay_audio(track), on_exit_close=True)

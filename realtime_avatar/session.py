@@ -17,6 +17,7 @@ dropped, and the two output queues keep only the newest few ticks when nobody re
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fractions
 import logging
 import time
@@ -30,6 +31,7 @@ from whisper.model import AudioEncoder
 
 from .audio_ring import AudioRing, SamplesLost
 from .audio_sources import PcmPushSource
+from .delays import DEFAULT_COMPUTE_S, DEFAULT_JITTER_S, ArrivalTracker, DurationTracker, frames_to_render, quantile
 from .frame_windows import FrameAudio, StreamingFrameWindows
 from .playback import PlaybackScheduler, tick_time
 from .renderer import AvatarRenderer
@@ -38,11 +40,13 @@ from .timing import (
     FEATURE_RATE,
     FEATURES_PER_FRAME,
     FPS,
+    MUSETALK_WINDOW,
     SAMPLE_RATE,
     SAMPLES_PER_FEATURE,
     SAMPLES_PER_FRAME,
     WINDOW_FEATURES,
     WINDOW_PAD_LEFT,
+    AudioWindow,
     num_features,
     window_first_feature,
 )
@@ -56,33 +60,63 @@ AUDIO_TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
 OUTPUT_QUEUE_TICKS = 4  # output frames kept for a slow reader before the oldest is dropped
 # A frame's window reaches 4 features (80 ms) past the frame's own audio (features 2i+4, 2i+5).
 WINDOW_RIGHT_CONTEXT_S = (WINDOW_FEATURES - WINDOW_PAD_LEFT - FEATURES_PER_FRAME) / FEATURE_RATE
+# The encoder runs at least every 40 ms (one frame): a longer hop is waiting added to every frame.
+MAX_HOP_S = 0.04
+# An encoder run slower than the hop (a loaded machine, many sessions) would leave the encoder
+# behind for good at one hop per run; when behind, a run emits up to this many hops (at most
+# half the encoder window: streaming_whisper.plan_window).
+CATCH_UP_HOPS = 25
 
 
-def pipeline_delay(streaming: StreamingConfig, render_budget_s: float) -> float:
-    """Seconds from the end of a frame's audio until its lips can be on screen: the window's
-    right context, the encoder lookahead, up to one hop of waiting, and the render budget."""
-    return WINDOW_RIGHT_CONTEXT_S + streaming.lookahead_s + streaming.hop_s + render_budget_s
+def pipeline_delay(
+    streaming: StreamingConfig, render_budget_s: float, window: AudioWindow = MUSETALK_WINDOW
+) -> float:
+    """Seconds from the end of a frame's audio until its lips can be on screen: the model
+    window's right context, the encoder lookahead, up to one hop of waiting, and the render
+    budget (compute + jitter; see delays.py for the terms)."""
+    return window.right_context_s + streaming.lookahead_s + streaming.hop_s + render_budget_s
 
 
-def window_audio_range(frame: int) -> tuple[int, int]:
-    """Samples [start, end) of the audio that frame's 10-feature window hears (may start < 0)."""
-    first = window_first_feature(frame)
-    return first * SAMPLES_PER_FEATURE, (first + WINDOW_FEATURES) * SAMPLES_PER_FEATURE
+def session_streaming(trained: StreamingConfig, max_hop_s: float = MAX_HOP_S) -> StreamingConfig:
+    """The live encoder setting for a model trained with `trained`: its window and lookahead,
+    with the hop cut to max_hop_s (the hop only decides how often the encoder runs; a feature's
+    right context stays >= the lookahead). The window grows if it must to stay > hop + lookahead."""
+    hop = min(trained.hop_s, max_hop_s)
+    return dataclasses.replace(trained, hop_s=hop, window_s=max(trained.window_s, hop + trained.lookahead_s + 0.04))
+
+
+def window_audio_range(frame: int, window: AudioWindow = MUSETALK_WINDOW) -> tuple[int, int]:
+    """Samples [start, end) of the audio that frame's window hears (may start < 0)."""
+    first = window_first_feature(frame, window)
+    return first * SAMPLES_PER_FEATURE, (first + window.length) * SAMPLES_PER_FEATURE
 
 
 @dataclass(frozen=True)
 class SessionConfig:
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
-    render_budget_s: float = 0.15  # time allowed for encoder + batch render before a frame is late
+    # Time allowed for encoder + batch render + input jitter before a frame is late. None: sized
+    # from measurements (compute_s at first, then the session's own p99s, between talk spurts).
+    render_budget_s: float | None = None
     delay_s: float | None = None  # output delay behind the input; None: pipeline_delay(...)
+    window: AudioWindow = MUSETALK_WINDOW  # the model's audio window (Runtime.window)
+    compute_s: float = DEFAULT_COMPUTE_S  # measured p99 encoder run + render batch (Runtime.measure_compute_s)
     max_backlog_s: float = 0.5  # extra latency tolerated before old frames are dropped
     batch_size: int = 4  # frames rendered per model call (more = faster, but adds latency)
     ring_seconds: float = 30.0  # input audio kept; also bounds the render queue
     silence_rms: float = 0.002  # windows quieter than this (~ -54 dBFS) show the idle mouth unrendered
 
     @property
+    def adaptive(self) -> bool:
+        """The delay follows the session's measured compute and jitter (no fixed value given)."""
+        return self.delay_s is None and self.render_budget_s is None
+
+    @property
     def output_delay_s(self) -> float:
-        return self.delay_s if self.delay_s is not None else pipeline_delay(self.streaming, self.render_budget_s)
+        """The delay a session starts with."""
+        if self.delay_s is not None:
+            return self.delay_s
+        budget = self.render_budget_s if self.render_budget_s is not None else self.compute_s + DEFAULT_JITTER_S
+        return pipeline_delay(self.streaming, budget, self.window)
 
 
 class SessionTrack(MediaStreamTrack):
@@ -124,9 +158,9 @@ class AvatarSession:
         self.ring = AudioRing(int(config.ring_seconds * SAMPLE_RATE))
         self.input = PcmPushSource(self.ring)
         # the runtime's EncoderBatcher (when it has one) encodes all sessions' windows per tick
-        self.whisper = StreamingWhisper(encoder, self.ring, config.streaming,
+        self.whisper = StreamingWhisper(encoder, self.ring, config.streaming, catch_up_hops=CATCH_UP_HOPS,
                                         batcher=getattr(renderer, "encoder_batcher", None))
-        self.windows = StreamingFrameWindows()
+        self.windows = StreamingFrameWindows(window=config.window)
         self.scheduler = PlaybackScheduler(config.output_delay_s, config.max_backlog_s)
         self.video_track = SessionTrack("video")
         self.audio_track = SessionTrack("audio")
@@ -150,16 +184,39 @@ class AvatarSession:
         # optional: observe_latency(seconds) per frame, observe_render(frames, seconds) per render
         # call; the server's /metrics histograms (server.ServerMetrics)
         self.metrics_sink = None
+        # measured terms of the output delay (delays.py): p99 compute and input jitter
+        self._encoder_times = DurationTracker(config.compute_s / 2)
+        self._render_times = DurationTracker(config.compute_s / 2)  # per batch
+        self._frame_times = DurationTracker(config.compute_s / (2 * max(1, config.batch_size)))  # per frame
+        self._arrivals = ArrivalTracker()
+        self._tick_lateness: deque[float] = deque(maxlen=FPS * 10)
 
     # -- input ----------------------------------------------------------------------------------
 
     def push_audio(self, frame: av.AudioFrame) -> None:
         if not self._closed and not self.ring.closed:
             self.input.push(frame)
+            self._arrived()
 
     def push_pcm(self, samples: np.ndarray, rate: int, channels: int = 1) -> None:
         if not self._closed and not self.ring.closed:
             self.input.push_pcm(samples, rate, channels)
+            self._arrived()
+
+    def _arrived(self) -> None:
+        # Stamp arrivals when the packet comes, not at the next 40 ms tick: the spurt's anchor
+        # (arrival + delay) would otherwise be up to a tick late. Same clock as loop.time().
+        now = time.monotonic()
+        self._arrivals.add(self.ring.write_index, now)
+        self.scheduler.input_progress(self.ring.write_index // SAMPLES_PER_FRAME, now)
+
+    def current_delay_s(self) -> float:
+        """The output delay the next talk spurt gets: fixed when configured, else the model's
+        right context + lookahead + hop + measured p99 compute + measured p99 jitter."""
+        if not self.config.adaptive:
+            return self.config.output_delay_s
+        compute = self._encoder_times.p99() + self._render_times.p99()
+        return pipeline_delay(self.config.streaming, compute + self._arrivals.jitter(), self.config.window)
 
     def end_of_input(self) -> None:
         """The speaker's stream ended: the last frames are released, then the avatar idles."""
@@ -214,14 +271,17 @@ class AvatarSession:
     # -- pipeline -------------------------------------------------------------------------------
 
     async def _features_loop(self) -> None:
+        spent = self.whisper.encode_seconds
         async for block in self.whisper.stream():
+            self._encoder_times.add(self.whisper.encode_seconds - spent)
+            spent = self.whisper.encode_seconds
             for fa in self.windows.push(block.first_index, block.states):
                 await self._render_queue.put(fa)
         for fa in self.windows.finish(num_features(self.ring.write_index)):
             await self._render_queue.put(fa)
 
     def _is_silent(self, frame: int) -> bool:
-        start, end = window_audio_range(frame)
+        start, end = window_audio_range(frame, self.config.window)
         try:
             audio = self.ring.read(max(0, start), min(end, self.ring.write_index))
         except SamplesLost:
@@ -230,10 +290,13 @@ class AvatarSession:
 
     async def _render_loop(self) -> None:
         cycle = self.renderer.cycle_length
+        pending: deque[FrameAudio] = deque()  # taken off the queue, not rendered yet (<= batch_size)
         while True:
-            batch = [await self._render_queue.get()]
-            while len(batch) < self.config.batch_size and not self._render_queue.empty():
-                batch.append(self._render_queue.get_nowait())
+            if not pending:
+                pending.append(await self._render_queue.get())
+            while len(pending) < self.config.batch_size and not self._render_queue.empty():
+                pending.append(self._render_queue.get_nowait())
+            batch = [pending.popleft() for _ in range(self._due_count(list(pending)))]
             # Frames the clock has already passed are not worth rendering (we are behind).
             fresh = [fa for fa in batch if fa.index >= self.scheduler.next_frame]
             self.stale_frames += len(batch) - len(fresh)
@@ -248,15 +311,29 @@ class AvatarSession:
                 continue
             poses = [(fa.index + self._tick_offset) % cycle for fa in speech]
             windows = np.stack([fa.window for fa in speech])
-            started = time.perf_counter()
+            t0 = time.monotonic()
             # the process's FrameEngine batches these with every other session's (one call per tick)
             images = await self.renderer.render_async(poses, windows)
+            spent = time.monotonic() - t0
+            self._render_times.add(spent)
+            self._frame_times.add(spent / len(speech))
             if self.metrics_sink is not None:
-                self.metrics_sink.observe_render(len(poses), time.perf_counter() - started)
+                self.metrics_sink.observe_render(len(poses), spent)
             for fa, image in zip(speech, images):
                 if fa.index >= self.scheduler.next_frame:
                     self._rendered[fa.index] = image
             self.rendered_frames += len(speech)
+
+    def _due_count(self, pending: list[FrameAudio]) -> int:
+        """Render what is due: as many queued frames as can be batched without the first one
+        missing its tick (delays.frames_to_render); never waits for more frames to arrive."""
+        now = time.monotonic()
+        s = self.config.streaming
+        # a frame not in an anchored spurt yet: as if its window just became final
+        fallback = now + self.scheduler.delay_s - self.config.window.right_context_s - s.lookahead_s - s.hop_s
+        deadlines = [d if (d := self.scheduler.due(fa.index)) is not None else fallback for fa in pending]
+        per_frame = self._frame_times.p99()
+        return frames_to_render(deadlines, now, lambda n: n * per_frame, self.config.batch_size)
 
     async def _clock_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -268,6 +345,9 @@ class AvatarSession:
             if wait > 0:
                 await asyncio.sleep(wait)
             now = loop.time()
+            self._tick_lateness.append(now - tick_time(t0, n))
+            if not self.scheduler.anchored:  # between talk spurts: re-size the delay to what was measured
+                self.scheduler.delay_s = self.current_delay_s()
             self.scheduler.input_progress(self.ring.write_index // SAMPLES_PER_FRAME, now)
             arrival = None
             frame = self.scheduler.tick(now)
@@ -331,7 +411,12 @@ class AvatarSession:
             "stale_frames": self.stale_frames,
             # audio arrival -> frame on the wire, inside the session (network not included)
             "latency_ms": round(1000 * latencies[len(latencies) // 2], 1) if latencies else None,
-            "output_delay_ms": round(1000 * self.config.output_delay_s, 1),
+            "output_delay_ms": round(1000 * self.scheduler.delay_s, 1),
+            # the measured terms the delay is sized from (p99s over the recent past)
+            "encoder_p99_ms": round(1000 * self._encoder_times.p99(), 1),
+            "render_p99_ms": round(1000 * self._render_times.p99(), 1),
+            "input_jitter_ms": round(1000 * self._arrivals.jitter(), 1),
+            "tick_lateness_p99_ms": round(1000 * quantile(self._tick_lateness, 0.99), 1) if self._tick_lateness else None,
             # video and audio of a tick leave together: the offset is zero by construction
             "av_offset_ms": 0.0,
             "input_seconds": round(self.ring.write_index / SAMPLE_RATE, 3),

@@ -85,19 +85,26 @@ class WindowPlan:
 
 
 def plan_window(
-    next_feature: int, available_features: int, config: StreamingConfig, final: bool
+    next_feature: int, available_features: int, config: StreamingConfig, final: bool, catch_up_hops: int = 1
 ) -> WindowPlan | None:
     """Decide the next encoder window; None when nothing new can be emitted yet.
 
     `available_features`: whole features of audio received so far. `final`: the stream has
     ended, so the last features are emitted with zero padding as their right context (as the
-    offline pass pads the last segment).
+    offline pass pads the last segment). `catch_up_hops`: when more than one hop is ready (the
+    encoder is behind), one run may emit up to that many hops (live sessions: a run slower than
+    a 40 ms hop must not leave the encoder behind for good); 1 emits one hop per run.
     """
     segment_start = next_feature // SEGMENT_FEATURES * SEGMENT_FEATURES
     segment_end = segment_start + SEGMENT_FEATURES
-    # Emit at most one hop per run, so every feature gets the same left context even when the
-    # encoder is catching up on a backlog.
-    end = min(available_features, segment_end, next_feature + config.hop_features + config.lookahead_features)
+    # Emit one hop per run, so every feature gets the same right context as in training; only a
+    # backlog is emitted up to catch_up_hops hops at a time (those features hear more).
+    hop, lookahead = config.hop_features, config.lookahead_features
+    behind_hops = (available_features - next_feature - lookahead) // hop  # hops ready to emit
+    # the emitted features keep at least half the window as left context
+    most = max(1, min(catch_up_hops, (config.window_features // 2 - lookahead) // hop))
+    emit_hop = max(1, min(behind_hops, most)) * hop
+    end = min(available_features, segment_end, next_feature + emit_hop + config.lookahead_features)
     zero_pad = 0
     if end == segment_end:
         emit_to = end  # the offline pass sees nothing past a segment end either
@@ -107,7 +114,7 @@ def plan_window(
     else:
         emit_to = end - config.lookahead_features
     if not final:
-        emit_to = min(emit_to, next_feature + config.hop_features)
+        emit_to = min(emit_to, next_feature + emit_hop)
         # Run once per hop, not for every new feature (except to close a segment).
         if emit_to - next_feature < config.hop_features and end != segment_end:
             return None
@@ -191,8 +198,9 @@ class StreamingWhisper:
     """
 
     def __init__(self, encoder: AudioEncoder, ring: AudioRing, config: StreamingConfig = StreamingConfig(),
-                 batcher: "EncoderBatcher | None" = None):
+                 catch_up_hops: int = 1, batcher: "EncoderBatcher | None" = None):
         self.encoder = encoder.eval()
+        self.catch_up_hops = catch_up_hops  # see plan_window
         # optional: encodes this stream's windows together with other sessions' (one call per tick)
         self.batcher = batcher
         self.ring = ring
@@ -205,7 +213,7 @@ class StreamingWhisper:
 
     def plan(self, final: bool = False) -> WindowPlan | None:
         available = self.ring.write_index // SAMPLES_PER_FEATURE
-        return plan_window(self.next_feature, available, self.config, final)
+        return plan_window(self.next_feature, available, self.config, final, self.catch_up_hops)
 
     @torch.inference_mode()
     def run(self, plan: WindowPlan) -> FeatureBlock:

@@ -69,6 +69,7 @@ def test_page_streams_mic_to_the_server_and_shows_the_avatar(runtime, tmp_path):
     assert sent >= page_state["stats"]["framesDecoded"] >= MIN_FRAMES
     assert page_state["server"]["session"]["frames_sent"] > 0  # the page polls server stats
     assert page_state["stats"]["fps"] > 0
+    assert page_state["playoutTargetMs"] == 0  # the page asked for the minimum receive buffer (issue 14)
 
     image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_GRAYSCALE)
     assert image.shape[0] > 100 and image.shape[1] > 100

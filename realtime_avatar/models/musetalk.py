@@ -391,6 +391,13 @@ def load_musetalk_v15(
     load_weights(vae, upgrade_legacy_vae_keys(read_state_dict(release.vae_weights)), release.vae_weights)
 
     log.info("loaded MuseTalk v1.5 from %s (whisper-tiny at %s)", release.models_dir, release.whisper_dir)
-    return MuseTalkModel(
+    model = MuseTalkModel(
         unet, vae, device=device, dtype=dtype, sample_latents=sample_latents, release=release
     )
+    from realtime_avatar.models.audio_contract import read_side_file
+
+    try:  # the official window (2i-4 .. 2i+5) unless the release says otherwise
+        model.audio_contract = read_side_file(release.unet_config.parent)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    return model

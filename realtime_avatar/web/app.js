@@ -46,6 +46,23 @@ function waitForIceGathering(peer, timeoutMs) {
   });
 }
 
+// The server already holds audio and video back by the same output delay and sends them in
+// the same 40 ms tick, in sync and paced: a receiver-side buffer beyond what the network's
+// jitter needs only adds latency. Ask the browser for its minimum (jitterBufferTarget in ms,
+// Chrome 114+/Firefox; playoutDelayHint in s, older Chrome). The browser still grows the buffer
+// on its own when it measures real jitter, and A/V sync between the two tracks is kept.
+const PLAYOUT_TARGET_MS = 0;
+
+function lowLatencyPlayout(receiver) {
+  try {
+    if ("jitterBufferTarget" in receiver) receiver.jitterBufferTarget = PLAYOUT_TARGET_MS;
+    else if ("playoutDelayHint" in receiver) receiver.playoutDelayHint = PLAYOUT_TARGET_MS / 1000;
+    avatar.playoutTargetMs = PLAYOUT_TARGET_MS;
+  } catch (err) {
+    avatar.playoutTargetMs = null; // not honoured by this browser: its default applies
+  }
+}
+
 async function start() {
   startButton.disabled = true;
   avatar.error = null;
@@ -64,6 +81,7 @@ async function start() {
     pc = new RTCPeerConnection({ iceServers: [] });
     const remote = new MediaStream();
     pc.addEventListener("track", (event) => {
+      lowLatencyPlayout(event.receiver);
       remote.addTrack(event.track);
       video.srcObject = remote;
       video.play().catch(() => {}); // autoplay may wait for the next gesture; the stream still flows
