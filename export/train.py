@@ -42,7 +42,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -52,9 +51,19 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from realtime_avatar.frame_windows import offline_frame_windows
+from realtime_avatar.losses import (  # noqa: F401 (shared with per-avatar tuning)
+    GRADIENT_WEIGHT,
+    LOWER_HALF_WEIGHT,
+    MOUTH_CENTRE,
+    MOUTH_SIGMA,
+    MOUTH_WEIGHT,
+    cosine_lr,
+    image_loss,
+    latent_weight_map,
+    loss_weight_map,
+)
 from realtime_avatar.models.base import MASKED_ROWS_FROM, PATCH_SIZE
 from realtime_avatar.models.compact import CompactConfig, CompactModel, CompactNet, count_parameters
 from realtime_avatar.streaming_whisper import LOW_LATENCY, StreamingConfig, stream_features
@@ -78,13 +87,6 @@ PHOTO_CROPS_PER_CLIP = 4
 AUTOENCODER_CROP = 128  # autoencoder training crops (px): a quarter of a 256x256 image
 LATENT_GRID = 32  # latent cells per side: crops start on multiples of 256 / 32 = 8 px
 
-# Loss weights. The mouth is where the model has work to do; the upper face comes from the
-# latents almost for free, so it is weighted low but not zero (identity must hold).
-LOWER_HALF_WEIGHT = 2.0  # extra weight on rows 128..255 (the masked half)
-MOUTH_WEIGHT = 6.0  # extra weight, a Gaussian around the mouth
-MOUTH_CENTRE = (0.5, 0.64)  # (x, y) of the mouth in the MuseTalk face box, fractions of the crop
-MOUTH_SIGMA = (0.16, 0.09)
-GRADIENT_WEIGHT = 0.5
 LATENT_WEIGHT = 0.5  # L1 between the predicted and the target frame's latent
 # The UNet stage starts on the latent loss alone (no decoder, no 256x256 images: ~5x more
 # samples per second on the 2-core CPU) and spends the rest of its time on the image loss
@@ -277,42 +279,6 @@ def build_teacher_dataset(
 
 
 # -------------------------------------------------------------------------------- pure pieces
-
-
-def loss_weight_map(size: int = PATCH_SIZE) -> torch.Tensor:
-    """[1, 1, size, size] per-pixel loss weight: 1, plus the lower half, plus the mouth."""
-    ys = (torch.arange(size, dtype=torch.float32) + 0.5) / size
-    xs = ys.clone()
-    gauss_y = torch.exp(-0.5 * ((ys - MOUTH_CENTRE[1]) / MOUTH_SIGMA[1]) ** 2)
-    gauss_x = torch.exp(-0.5 * ((xs - MOUTH_CENTRE[0]) / MOUTH_SIGMA[0]) ** 2)
-    weight = 1.0 + MOUTH_WEIGHT * gauss_y[:, None] * gauss_x[None, :]
-    weight[MASKED_ROWS_FROM * size // PATCH_SIZE :] += LOWER_HALF_WEIGHT
-    return (weight / weight.mean())[None, None]
-
-
-def image_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Weighted L1 on pixels plus GRADIENT_WEIGHT x weighted L1 on horizontal and vertical
-    differences (keeps edges: lip lines, teeth, eyes)."""
-    pixel = (weight * (pred - target).abs()).mean()
-    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
-    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
-    grad = (weight[..., :, 1:] * (dx(pred) - dx(target)).abs()).mean()
-    grad = grad + (weight[..., 1:, :] * (dy(pred) - dy(target)).abs()).mean()
-    return pixel + GRADIENT_WEIGHT * grad
-
-
-def latent_weight_map(size: int = PATCH_SIZE // 8) -> torch.Tensor:
-    """loss_weight_map averaged down to the latent grid (32x32)."""
-    return F.avg_pool2d(loss_weight_map(), PATCH_SIZE // size)
-
-
-def cosine_lr(base: float, progress: float, warmup: float = 0.03, floor: float = 0.05) -> float:
-    """Learning rate at `progress` (0..1 of a stage's time): linear warm-up, cosine decay."""
-    progress = min(max(progress, 0.0), 1.0)
-    if progress < warmup:
-        return base * max(progress / warmup, 0.02)
-    t = (progress - warmup) / (1.0 - warmup)
-    return base * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t)))
 
 
 def to_images(frames: np.ndarray) -> torch.Tensor:
