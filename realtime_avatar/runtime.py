@@ -105,6 +105,16 @@ def load_runtime(
         # encode() stays the torch model's (avatar preparation); render() runs on the engine
         renderer_model = select_backend(renderer_model, backend, batch_size=batch_size, threads=threads)
     prepared = resolve_avatar(avatar, renderer_model, progress)
+    from .tuning import load_tuned
+
+    tuned = load_tuned(prepared, renderer_model)  # weights `prepare --tune` made for this avatar
+    if tuned is not None:
+        log.info("using the weights tuned for %s", prepared.path)
+        renderer_model = tuned
+        if backend != "torch":
+            from .engines import select_backend
+
+            renderer_model = select_backend(tuned, backend, batch_size=batch_size, threads=threads)
     renderer = AvatarRenderer(renderer_model, prepared, silence_window(encoder), batch_size=batch_size)
     runtime = Runtime(encoder, renderer_model, prepared, renderer)
     log.info("runtime ready in %.1f s: %s", time.perf_counter() - t0, runtime.describe())
