@@ -30,7 +30,7 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -48,7 +48,6 @@ from realtime_avatar.face import (
     UPPER_LIP_INNER_MID,
     FaceLandmarks,
     detect_face_landmarks,
-    face_bbox,
 )
 from realtime_avatar.visemes import MouthPose, VisemeCurves
 
@@ -426,8 +425,6 @@ class TuneResult:
 
 def check_avatar(avatar) -> FaceCheck:
     """check_teacher on the avatar's first frame; TuningError (naming the source) unless it passes."""
-    from realtime_avatar.avatar import FORMAT_VERSION  # noqa: F401 (the avatar module is loaded)
-
     name = avatar.manifest.source_name
     frame = np.ascontiguousarray(avatar.frames[0])
     points = avatar.landmarks[0].astype(np.float32)
