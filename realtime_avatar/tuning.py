@@ -503,7 +503,10 @@ def tune_avatar(
 
     # -- fine-tuning until the budget is spent
     train_start = time.monotonic()
-    train_budget = max(budget - (train_start - started), 1.0)
+    # Training gets what is left, but at least half the budget: on a busy machine the teacher
+    # clips can take longer than planned, and a run that then trains for a few steps is useless
+    # (the total may then exceed --tune's minutes; the result reports the real time).
+    train_budget = max(budget - (train_start - started), 0.5 * budget)
     steps, saved_step, path, interrupted = 0, 0, None, False
     last_save = time.monotonic()
     # every checkpoint_seconds, or a tenth of the budget when that is shorter (a short run
