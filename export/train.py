@@ -220,7 +220,7 @@ def prepare_teacher_clip(seed: int, split: str, encoder, subclips: int, identiti
     n = clip.n_frames
     photo_at = np.linspace(0, n - 1, PHOTO_CROPS_PER_CLIP).round().astype(int)
     return ClipData(
-        name=clip_name(split, seed, identities),
+        name=clip_name(split, seed, identities, len(generator.faces)),
         frames=clip.frames,
         windows=clip_windows(encoder, clip.audio, n),
         subclips=subclip_windows(encoder, clip.audio, n, rng, subclips),
@@ -229,12 +229,14 @@ def prepare_teacher_clip(seed: int, split: str, encoder, subclips: int, identiti
     )
 
 
-def clip_name(split: str, seed: int, identities: str = "astronaut") -> str:
-    """Cache name of a clip; the astronaut-only clips keep the v1 names (existing caches stay valid)."""
+def clip_name(split: str, seed: int, identities: str = "astronaut", faces: int = 1) -> str:
+    """Cache name of a clip; the astronaut-only clips keep the v1 names (existing caches stay
+    valid). Other sets carry their size: a set that gains or loses people draws other faces
+    for the same seed, so its old clips must not be reused."""
     if identities == "astronaut":
         return f"{split}-{seed:05d}"
     tag = "".join(c if c.isalnum() or c in "-_" else "_" for c in identities.strip("/").split("/")[-1])
-    return f"{split}-{tag}-{seed:05d}"
+    return f"{split}-{tag}{faces}-{seed:05d}"
 
 
 _worker_encoder = None
@@ -260,11 +262,12 @@ def build_teacher_dataset(
 ) -> list[ClipData]:
     """Generate (or load from `cache`) the clips of `seeds`; `workers` processes generate."""
     cache.mkdir(parents=True, exist_ok=True)
+    faces = 1
     if identities != "astronaut":
         from export.face_photos import identity_set
 
-        identity_set(identities)  # fetch the photos once here, not in every worker; clear errors
-    paths = [cache / f"{clip_name(split, seed, identities)}.npz" for seed in seeds]
+        faces = len(identity_set(identities))  # fetched once here, not in every worker; clear errors
+    paths = [cache / f"{clip_name(split, seed, identities, faces)}.npz" for seed in seeds]
     missing = [(s, p) for s, p in zip(seeds, paths) if ClipData.load(p) is None]
     if missing:
         # by module name, not __main__: spawned workers import the functions from there

@@ -46,8 +46,8 @@ def test_faces_are_drawn_per_clip_and_loaded_lazily(photo_folder):
 
 def test_clip_names_per_identity_set():
     assert tr.clip_name("train", 7) == "train-00007"  # v1 caches stay valid
-    assert tr.clip_name("train", 7, "any-face") == "train-any-face-00007"
-    assert tr.clip_name("train", 7, "/home/me/photos/") == "train-photos-00007"
+    assert tr.clip_name("train", 7, "any-face", 136) == "train-any-face136-00007"
+    assert tr.clip_name("train", 7, "/home/me/photos/", 2) == "train-photos2-00007"
 
 
 @pytest.mark.slow
@@ -66,7 +66,7 @@ def test_identities_run_crashes_and_resumes_with_its_own_data(tmp_path, photo_fo
         tr.train(settings, on_step=crash_at_unet_step_2)
     names = sorted(p.name for p in (out / "clips").iterdir())
     tag = photo_folder.name
-    assert names == [f"train-{tag}-00000.npz", f"train-{tag}-00001.npz"]
+    assert names == [f"train-{tag}2-00000.npz", f"train-{tag}2-00001.npz"]
     state = torch.load(out / tr.CHECKPOINT, weights_only=False)
     assert state["settings"]["identities"] == str(photo_folder)
 
