@@ -25,6 +25,7 @@ runtime uses them automatically with that avatar (`load_tuned`).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -342,7 +343,8 @@ def save_tuned(avatar, net, base_model, info: dict) -> Path:
 
     folder = tuned_dir(avatar.path)
     folder.mkdir(exist_ok=True)
-    model = CompactModel(net, notes=dict(base_model.notes) | {"tuned_for": avatar.manifest.source_name})
+    # a copy: CompactModel puts the net it wraps in eval mode without gradients
+    model = CompactModel(copy.deepcopy(net), notes=dict(base_model.notes) | {"tuned_for": avatar.manifest.source_name})
     weights = folder / f"model-{model.weights_hash()}.safetensors"
     if not weights.is_file():
         _write_atomic(weights, model.save)
@@ -448,8 +450,6 @@ def tune_avatar(
     (default: the base). Writes <avatar>/tuned/ every settings.checkpoint_seconds and at the
     end; on KeyboardInterrupt returns with interrupted=True and the last written checkpoint
     (never a half-written one). Raises TuningError when the face cannot be tuned to."""
-    import copy
-
     from tqdm import tqdm
 
     from realtime_avatar.losses import cosine_lr, image_loss, latent_weight_map, loss_weight_map
@@ -537,9 +537,7 @@ def tune_avatar(
             if on_step is not None:
                 on_step(steps)
             if time.monotonic() - last_save >= checkpoint_every:
-                path = save_tuned(avatar, net.eval(), base_model, info | {"steps": steps, "final": False})
-                net.train()
-                net.encoder.eval()
+                path = save_tuned(avatar, net, base_model, info | {"steps": steps, "final": False})
                 saved_step, last_save = steps, time.monotonic()
             bar.n = min(int(time.monotonic() - train_start), bar.total)
             bar.set_postfix_str(f"step {steps} loss {np.mean(running[-20:]):.4f}", refresh=False)
@@ -549,7 +547,7 @@ def tune_avatar(
     finally:
         bar.close()
     if not interrupted:
-        path = save_tuned(avatar, net.eval(), base_model, info | {"steps": steps, "final": True})
+        path = save_tuned(avatar, net, base_model, info | {"steps": steps, "final": True})
         saved_step = steps
     return TuneResult(path, steps, saved_step, time.monotonic() - started, len(clips), int(len(targets)),
                       interrupted, check)
