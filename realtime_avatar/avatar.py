@@ -960,6 +960,11 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     add_face_arguments(parser)
     parser.add_argument("--force", action="store_true", help="rebuild even if a matching cache exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--tune", type=float, default=None, metavar="MINUTES",
+                        help="then fine-tune a copy of the (compact) model to this face for MINUTES on this "
+                             "CPU: the procedural mouth teacher animates the photo, no video needed. The tuned "
+                             "weights are kept with the avatar cache and used automatically; Ctrl+C keeps the "
+                             "last checkpoint")
 
 
 def add_face_arguments(parser: argparse.ArgumentParser) -> None:
@@ -1013,4 +1018,8 @@ def prepare_main(args: argparse.Namespace) -> int:
         return 2
     print(f"{avatar.path}  ({avatar.num_frames} frames, {avatar.frame_shape[1]}x{avatar.frame_shape[0]}, "
           f"cycle {avatar.cycle_length / FPS:.1f} s)")
+    if getattr(args, "tune", None) is not None:
+        from realtime_avatar.tuning import tune_main
+
+        return tune_main(avatar, model, args.tune, progress=not args.no_progress)
     return 0

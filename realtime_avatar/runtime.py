@@ -190,6 +190,16 @@ def load_runtime(
         # encode() stays the torch model's (avatar preparation); render() runs on the engine
         renderer_model = select_backend(renderer_model, backend, batch_size=batch_size, threads=threads)
     prepared = resolve_avatar(avatar, renderer_model, progress, avatar_settings)
+    from .tuning import load_tuned
+
+    tuned = load_tuned(prepared, renderer_model)  # weights `prepare --tune` made for this avatar
+    if tuned is not None:
+        log.info("using the weights tuned for %s", prepared.path)
+        renderer_model = tuned
+        if backend not in ("torch", "compiled"):
+            from .engines import select_backend
+
+            renderer_model = select_backend(tuned, backend, batch_size=batch_size, threads=threads)
     engine = FrameEngine(renderer_model, target, precision, step=step, frame_format=frame_format)
     renderer = AvatarRenderer(renderer_model, prepared, silence_window(encoder), batch_size=batch_size, engine=engine)
     # the Whisper windows of all sessions, one encoder call per tick (owned here, like the engine)

