@@ -178,18 +178,27 @@ def cmd_prepare(args) -> int:
     return prepare_main(args)
 
 
+def _rtmp_url_ok(url: str | None, command: str) -> bool:
+    """False (after one line on stderr) when --rtmp URL cannot be an RTMP URL; True when it can
+    or when no --rtmp was given. Checked before the model loads, so a typo costs no wait."""
+    if not url:
+        return True
+    from .rtmp import RtmpError, check_rtmp_url
+
+    try:
+        check_rtmp_url(url)
+    except RtmpError as exc:
+        print(f"realtime-avatar {command}: --rtmp: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
 def cmd_render(args) -> int:
     """Render an audio file into an MP4 of the avatar speaking it (offline, whole clip at once)."""
     from .offline_render import render_clip
 
-    if args.rtmp:
-        from .rtmp import RtmpError, check_rtmp_url
-
-        try:
-            check_rtmp_url(args.rtmp)
-        except RtmpError as exc:
-            print(f"realtime-avatar render: --rtmp: {exc}", file=sys.stderr)
-            return 2
+    if not _rtmp_url_ok(args.rtmp, "render"):
+        return 2
     runtime = _runtime(args)
     audio = Path(args.audio) if args.audio else speech_sample()
     result = render_clip(runtime.renderer, runtime.clip_features, audio, args.output, progress=not args.no_progress,
@@ -388,14 +397,8 @@ def cmd_live(args) -> int:
     except PreviewError as exc:
         print(f"realtime-avatar live: {exc}", file=sys.stderr)
         return 2
-    if args.rtmp:
-        from .rtmp import RtmpError, check_rtmp_url
-
-        try:
-            check_rtmp_url(args.rtmp)
-        except RtmpError as exc:
-            print(f"realtime-avatar live: --rtmp: {exc}", file=sys.stderr)
-            return 2
+    if not _rtmp_url_ok(args.rtmp, "live"):
+        return 2
     runtime = _runtime(args)
     config = runtime.session_config(args.session_batch)
     device = _input_device(args.input_device)

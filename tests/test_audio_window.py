@@ -222,8 +222,10 @@ def test_render_what_is_due():
     assert frames_to_render([1.0] * 9, now=0.0, batch_cost=cost, max_batch=4) == 4
     # the first frame is due in 22 ms: only a batch that finishes by then (n=2: 20 ms)
     assert frames_to_render([0.022, 0.062, 0.102, 0.142], now=0.0, batch_cost=cost, max_batch=4) == 2
-    # already late: rendered alone, at once
-    assert frames_to_render([-0.1, 0.0, 0.04], now=0.0, batch_cost=cost, max_batch=4) == 1
+    # already late (even one frame alone misses): the whole queue goes, to catch up at the
+    # cheapest cost per frame instead of falling further behind one frame at a time
+    assert frames_to_render([-0.1, 0.0, 0.04], now=0.0, batch_cost=cost, max_batch=4) == 3
+    assert frames_to_render([-0.1] * 9, now=0.0, batch_cost=cost, max_batch=4) == 4
     assert frames_to_render([], now=0.0, batch_cost=cost, max_batch=4) == 0
 
 
