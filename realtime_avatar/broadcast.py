@@ -49,6 +49,7 @@ class BroadcastOptions:
     janus_room: int = 1234
     max_viewers: int = DEFAULT_MAX_VIEWERS
     broadcast_session: str | None = None  # create this API session at start (e.g. "broadcast")
+    whep_shared_encode: bool = True  # one VP8 encode for all WHEP viewers (False: one per viewer)
 
     def __post_init__(self):
         if self.rtmp_url is not None:
@@ -153,7 +154,8 @@ class Broadcaster:
         self.options = options
         self.sessions: dict[str, BroadcastSession] = {}
         self.peer_outputs: dict[str, SessionOutputsRunner] = {}
-        self.whep = WhepEndpoint(self.resolve, max_viewers=options.max_viewers, authorized=server._authorized)
+        self.whep = WhepEndpoint(self.resolve, max_viewers=options.max_viewers, authorized=server._authorized,
+                                 shared_encode=options.whep_shared_encode)
         self.whep.ice_addresses = server.ice_addresses  # like the server's own peers (--host)
         server.extra_sessions = self.sessions  # the shared /sessions/<id> routes find them there
         server.peer_hooks.append(self._on_peer)

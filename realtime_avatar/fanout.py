@@ -18,6 +18,8 @@ import asyncio
 from aiortc import MediaStreamTrack
 from aiortc.contrib.media import MediaRelay
 
+from .shared_encode import DEFAULT_BITRATE, EncodedVideoTrack, SharedVideoEncoder
+
 PROXY_QUEUE_TICKS = 4  # frames a consumer may lag (160 ms at 25 fps) before its oldest is dropped
 BROADCAST_QUEUE_TICKS = 50  # the RTMP reader hands frames on at once; 2 s covers event-loop stalls
 
@@ -80,6 +82,7 @@ class SessionOutputs:
         self.session = session
         self.relay = MediaRelay()
         self._video = Yuv420Track(session.video_track)
+        self._shared_vp8: SharedVideoEncoder | None = None
 
     def video(self, *, every_frame: bool = False, own_peer: bool = False) -> MediaStreamTrack:
         """A new video proxy (yuv420p frames, shared: read them, never modify them).
@@ -89,6 +92,18 @@ class SessionOutputs:
         ticks = BROADCAST_QUEUE_TICKS if every_frame else PROXY_QUEUE_TICKS
         return _bounded(self.relay.subscribe(self._video, buffered=True), ticks,
                         self.session.video_track if own_peer else None)
+
+    def encoded_video(self, bitrate: int = DEFAULT_BITRATE) -> EncodedVideoTrack:
+        """A new viewer track of VP8 packets from the session's one shared encoder (created on
+        first use, closed when its last viewer leaves; see shared_encode.py)."""
+        if self._shared_vp8 is None or self._shared_vp8.closed:
+            self._shared_vp8 = SharedVideoEncoder(self.video(), bitrate=bitrate)
+        return self._shared_vp8.subscribe()
+
+    @property
+    def shared_encoder(self) -> SharedVideoEncoder | None:
+        """The session's shared VP8 encoder while it has viewers (None before the first)."""
+        return self._shared_vp8
 
     def audio(self, *, every_frame: bool = False, own_peer: bool = False) -> MediaStreamTrack:
         """A new audio proxy (40 ms frames); arguments as for video()."""

@@ -1,0 +1,210 @@
+"""One VP8 encode for all WHEP viewers (realtime_avatar/shared_encode.py).
+
+Real libvpx encodes, real VP8 decodes (PyAV) and, for the WHEP path, real aiortc viewers that
+decode what they receive: a viewer only counts frames its decoder could make.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import time
+
+import aiohttp
+import av
+import numpy as np
+import pytest
+from aiortc import MediaStreamTrack, RTCRtpSender
+from aiortc.mediastreams import MediaStreamError
+
+from realtime_avatar.broadcast import BROADCASTER_KEY, BroadcastOptions
+from realtime_avatar.server import create_app
+from realtime_avatar.shared_encode import SharedVideoEncoder, keyframe_due
+from tests.loopback_session import LoopbackSession, card_image
+from tests.rtc_client import serving
+from tests.whep_viewers import Viewer
+
+TIME_BASE = fractions.Fraction(1, 90_000)
+
+
+def test_keyframe_requests_are_coalesced():
+    assert not keyframe_due(False, None, 10.0)
+    assert keyframe_due(True, None, 10.0)  # the first frame
+    assert not keyframe_due(True, 9.8, 10.0, min_interval_s=0.5)  # a keyframe 200 ms ago serves
+    assert keyframe_due(True, 9.5, 10.0, min_interval_s=0.5)
+
+
+class CardTrack(MediaStreamTrack):
+    """`count` yuv420p frames of a moving test card, as fast as they are read, then the end."""
+
+    kind = "video"
+
+    def __init__(self, count: int, size: int = 96):
+        super().__init__()
+        self.count, self.sent = count, 0
+        self.card = card_image(size)
+
+    def image(self, index: int) -> np.ndarray:
+        return np.roll(self.card, 2 * index, axis=1)
+
+    async def recv(self) -> av.VideoFrame:
+        if self.sent >= self.count or self.readyState != "live":
+            raise MediaStreamError
+        frame = av.VideoFrame.from_ndarray(self.image(self.sent), format="rgb24").reformat(format="yuv420p")
+        frame.pts, frame.time_base = self.sent * 3600, TIME_BASE
+        self.sent += 1
+        await asyncio.sleep(0.002)
+        return frame
+
+
+async def read_packets(track, limit: int | None = None, pause_s: float = 0.0) -> list[av.Packet]:
+    packets = []
+    try:
+        while limit is None or len(packets) < limit:
+            packets.append(await track.recv())
+            await asyncio.sleep(pause_s)
+    except MediaStreamError:
+        pass
+    return packets
+
+
+def decode(packets: list[av.Packet]) -> list[np.ndarray]:
+    decoder = av.CodecContext.create("libvpx", "r")
+    images = []
+    for packet in packets:
+        for frame in decoder.decode(av.Packet(bytes(packet))):
+            images.append(frame.to_ndarray(format="rgb24"))
+    return images
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 10 * np.log10(255.0**2 / max(mse, 1e-9))
+
+
+def test_frames_are_encoded_once_for_all_viewers_and_every_viewer_decodes_them():
+    async def scenario():
+        source = CardTrack(40)
+        shared = SharedVideoEncoder(source)
+        tracks = [shared.subscribe() for _ in range(3)]
+        packets = await asyncio.gather(*(read_packets(t) for t in tracks))
+        return source, shared, packets
+
+    source, shared, packets = asyncio.run(scenario())
+    assert shared.frames_encoded == source.sent == 40  # once, not once per viewer
+    assert shared.closed  # the source ended: encoder and viewers closed
+    for got in packets:
+        assert len(got) == 40 and got[0].is_keyframe
+        assert [p.pts for p in got] == [i * 3600 for i in range(40)]
+        images = decode(got)
+        assert len(images) == 40
+        assert min(psnr(im, source.image(i)) for i, im in enumerate(images)) > 25
+    assert shared.keyframes == 1  # three viewers joining together: one keyframe
+
+
+def test_a_late_viewer_starts_at_a_keyframe_and_a_lagging_one_resyncs_without_stalling_others():
+    async def scenario():
+        source = CardTrack(60)
+        shared = SharedVideoEncoder(source, min_keyframe_interval_s=0.0)
+        steady = shared.subscribe()
+        lagging = shared.subscribe()
+        lagging_read = asyncio.ensure_future(read_packets(lagging, pause_s=0.03))  # 10x too slow
+        first = await read_packets(steady, 10)
+        late = shared.subscribe()  # joins mid-stream: asks for a keyframe
+        rest, late_got = await asyncio.gather(read_packets(steady), read_packets(late))
+        return shared, first + rest, late_got, await lagging_read, lagging
+
+    shared, steady, late, lagging, lagging_track = asyncio.run(scenario())
+    assert len(steady) == 60 and len(decode(steady)) == 60  # never disturbed
+    assert late[0].is_keyframe and late[0].pts > 0 and len(decode(late)) == len(late)
+    # the lagging viewer kept its first queued packets, lost the rest, and picked up again at a
+    # keyframe it asked for: every packet it got still decodes
+    assert lagging_track.dropped > 0 and len(lagging) < 60
+    assert len(decode(lagging)) == len(lagging)
+    assert any(p.is_keyframe and p.pts > 0 for p in lagging)
+    assert shared.keyframes >= 3
+
+
+def test_the_last_viewer_leaving_stops_the_encoder_and_its_source():
+    async def scenario():
+        source = CardTrack(10_000)
+        shared = SharedVideoEncoder(source)
+        a, b = shared.subscribe(), shared.subscribe()
+        await read_packets(a, 5)
+        a.stop()
+        still_open = not shared.closed
+        b.stop()
+        await asyncio.sleep(0.05)
+        return shared, source, still_open
+
+    shared, source, still_open = asyncio.run(scenario())
+    assert still_open and shared.closed and source.readyState == "ended"
+    assert source.sent < 10_000
+    with pytest.raises(RuntimeError, match="closed"):
+        shared.subscribe()
+
+
+def _app(shared: bool = True):
+    async def factory():
+        return LoopbackSession(size=96)
+
+    return create_app(factory, broadcast=BroadcastOptions(max_viewers=10, whep_shared_encode=shared))
+
+
+class H264Viewer(Viewer):
+    """A viewer that offers H.264 only (no VP8): it must get its own encoder."""
+
+    async def join(self, http, url):
+        transceiver = self.pc.addTransceiver("video", direction="recvonly")
+        transceiver.setCodecPreferences(
+            [c for c in RTCRtpSender.getCapabilities("video").codecs if c.mimeType.lower() in ("video/h264", "video/rtx")])
+        self.audio = False
+        self.pc.addTransceiver = lambda *a, **k: None  # the parent adds video again: already done
+        await super().join(http, url)
+
+
+def test_whep_viewers_share_one_encode_and_an_h264_viewer_gets_its_own():
+    async def scenario():
+        app = _app()
+        async with serving(app) as url, aiohttp.ClientSession() as http:
+            async with http.post(f"{url}/sessions", json={"name": "show", "outputs": ["whep"]}) as r:
+                assert r.status == 201, await r.text()
+            whep = f"{url}/whep/show"
+            viewers = [Viewer(audio=i == 0) for i in range(3)]
+            await asyncio.gather(*(v.join(http, whep) for v in viewers))
+            h264 = H264Viewer()
+            await h264.join(http, whep)
+            await asyncio.sleep(1.5)
+            outputs = app[BROADCASTER_KEY].sessions["show"].runner.outputs
+            shared = outputs.shared_encoder
+            encoded0, keyframes0 = shared.frames_encoded, shared.keyframes
+            m0 = time.monotonic()
+            await asyncio.sleep(2.0)
+            m1 = time.monotonic()
+            encoded = shared.frames_encoded - encoded0
+            # what each server-side peer negotiated: VP8 for the crowd, H.264 for the other
+            negotiated = sorted(t._codecs[0].mimeType for v in app[BROADCASTER_KEY].whep.viewers.values()
+                                for t in v.pc.getTransceivers() if t.kind == "video")
+            # a PLI from a viewer reaches the shared encoder through its sender
+            server_viewer = next(iter(app[BROADCASTER_KEY].whep.viewers.values()))
+            senders = [s for s in server_viewer.pc.getSenders() if s.track is not None and s.track.kind == "video"]
+            await asyncio.sleep(0.6)
+            k_before = shared.keyframes
+            senders[0]._send_keyframe()
+            await asyncio.sleep(0.3)
+            keyframe_on_pli = shared.keyframes - k_before
+            fps = [v.fps(m0, m1) for v in viewers]
+            h264_fps = h264.fps(m0, m1)
+            for v in viewers + [h264]:
+                await v.leave(http, url)
+            await asyncio.sleep(0.3)
+            return fps, h264_fps, encoded / (m1 - m0), keyframes0, keyframe_on_pli, shared.closed, negotiated
+
+    fps, h264_fps, encode_rate, keyframes, keyframe_on_pli, closed, negotiated = asyncio.run(scenario())
+    assert negotiated == ["video/H264", "video/VP8", "video/VP8", "video/VP8"]
+    assert min(fps) >= 24.0, fps  # decoded frames per second, each VP8 viewer
+    assert h264_fps >= 24.0
+    assert 23.0 <= encode_rate <= 27.0  # one encode per frame for three VP8 viewers
+    assert keyframes <= 3  # viewers joining together share keyframes
+    assert keyframe_on_pli == 1
+    assert closed  # all viewers left: the shared encoder stopped
