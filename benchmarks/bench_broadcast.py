@@ -12,6 +12,12 @@ recording of the RTMP push), audio received, the session's own fps and late fram
 time from first push to playback_started, and playback_finished's position vs the TTS length.
 Prints JSON and a table; --plots writes a PNG of every viewer's fps.
 
+Everything shares one machine, so by default only 2 WHEP viewers decode (here); the others count
+the complete frames they receive without decoding them (tests/whep_viewers.py --count-only, in a
+child process), as viewers on their own machines would leave the server's cores alone.
+`--decoding-viewers 20` decodes all of them here; `--whep-encode per-viewer` compares with one
+VP8 encode per viewer.
+
     .venv/bin/python benchmarks/bench_broadcast.py [--quick] [--viewers 20] [--plots DIR]
 
 Needs Debian nginx + libnginx-mod-rtmp and janus (./setup.sh --dev). Everything runs on 127.0.0.1.
@@ -107,16 +113,29 @@ async def scenario(args, tmp: Path) -> dict:
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "realtime_avatar.cli", "serve", "--port", str(port),
                "--broadcast", "broadcast", "--rtmp", nginx.url("avatar"), "--janus", janus.url,
-               "--room", str(ROOM), "--threads", str(args.threads), "--max-viewers", str(args.viewers + 5)]
+               "--room", str(ROOM), "--threads", str(args.threads), "--max-viewers", str(args.viewers + 5),
+               "--whep-encode", args.whep_encode]
     proc = subprocess.Popen(command, cwd=common.REPO, stdout=subprocess.DEVNULL, stderr=open(tmp / "serve.log", "w"))
     result: dict = {"command": "realtime-avatar " + " ".join(command[3:])}
     try:
         await wait_health(url, proc)
         wav = espeak_wav(TTS_TEXT if not args.quick else "Hello everyone, welcome to the show.",
                          tmp / "tts.wav", rate=24_000)
+        with wave.open(str(wav)) as w:
+            tts_s = w.getnframes() / w.getframerate()
         async with aiohttp.ClientSession() as http:
-            viewers = [Viewer(audio=i < 2) for i in range(args.viewers)]
-            await asyncio.gather(*(v.join(http, f"{url}/whep/broadcast") for v in viewers))
+            # Viewers that decode run here; the rest (a crowd that counts frames without decoding,
+            # as if each decoded on its own machine) in a child process: see --decoding-viewers.
+            decoding = [Viewer(audio=i < 2) for i in range(min(args.decoding_viewers, args.viewers))]
+            await asyncio.gather(*(v.join(http, f"{url}/whep/broadcast") for v in decoding))
+            crowd_n = args.viewers - len(decoding)
+            crowd = None
+            if crowd_n:
+                crowd = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "tests.whep_viewers", url, "broadcast", "--viewers", str(crowd_n),
+                    "--audio", "0", "--warmup", "3", "--measure", f"{tts_s + 1:.2f}", "--count-only",
+                    cwd=common.REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+                await asyncio.wait_for(crowd.stdout.readline(), 120)  # joined
             received = Received()
             janus_session, janus_pc = await subscribe(http, janus.url, ROOM, received)
             await asyncio.sleep(3.0)
@@ -126,19 +145,25 @@ async def scenario(args, tmp: Path) -> dict:
             t1 = time.monotonic()
             async with http.get(f"{url}/sessions/broadcast/stats") as r:
                 stats = await r.json()
-            fps = [v.fps(t0, t1) for v in viewers]
-            connected = sum(v.pc.connectionState == "connected" for v in viewers)
+            fps = [v.fps(t0, t1) for v in decoding]
+            crowd_out = json.loads(await asyncio.wait_for(crowd.stdout.readline(), 120)) if crowd else {"fps": []}
+            if crowd:
+                await crowd.wait()
+            all_fps = fps + crowd_out["fps"]
+            connected = sum(v.pc.connectionState == "connected" for v in decoding) + crowd_out.get("connected", 0)
             result.update({
                 "agent": agent_result,
-                "whep_viewers": {"n": len(viewers), "connected": connected, "fps": common.summarize(fps),
-                                 "audio_frames_first_two": [v.audio_frames for v in viewers[:2]],
-                                 "per_viewer_fps": [round(f, 2) for f in fps]},
+                "whep_viewers": {"n": args.viewers, "connected": connected, "fps": common.summarize(all_fps),
+                                 "decoding": len(decoding), "decoding_fps": [round(f, 2) for f in fps],
+                                 "counting_only": crowd_n,
+                                 "audio_frames_first_two": [v.audio_frames for v in decoding[:2]],
+                                 "per_viewer_fps": [round(f, 2) for f in all_fps]},
                 "janus_subscriber": {"fps": round(received.fps(t0), 2), "audio_frames": received.audio_frames,
                                      "audio_peak": round(received.audio_peak, 3)},
-                "session": {k: stats["session"][k] for k in ("fps", "late_frames", "rendered_frames", "frames_sent")},
+                "session": stats["session"],
                 "rtmp_push": stats["rtmp"], "janus_publisher": stats["janus"], "window_s": round(t1 - t0, 2),
             })
-            left = await asyncio.gather(*(v.leave(http, url) for v in viewers), return_exceptions=True)
+            left = await asyncio.gather(*(v.leave(http, url) for v in decoding), return_exceptions=True)
             result["whep_viewers"]["cut_off_before_leaving"] = sum(isinstance(x, BaseException) for x in left)
             await janus_pc.close()
             await janus_session.destroy()
@@ -154,8 +179,11 @@ async def scenario(args, tmp: Path) -> dict:
 
 def markdown(result: dict) -> str:
     rows = [
-        {"output": f"WHEP viewers ({result['whep_viewers']['n']})", "fps (min / median)":
-            f"{result['whep_viewers']['fps']['min']} / {result['whep_viewers']['fps']['median']}", "audio": "yes"},
+        {"output": f"WHEP viewers ({result['whep_viewers']['n']}: {result['whep_viewers']['decoding']} decoding)",
+         "fps (min / median)": f"{result['whep_viewers']['fps']['min']} / {result['whep_viewers']['fps']['median']}",
+         "audio": "yes"},
+        {"output": "  of them decoding here", "fps (min / median)":
+            " / ".join(str(f) for f in sorted(result["whep_viewers"]["decoding_fps"])), "audio": ""},
         {"output": "Janus subscriber", "fps (min / median)": result["janus_subscriber"]["fps"],
          "audio": f"{result['janus_subscriber']['audio_frames']} frames"},
         {"output": "RTMP (nginx recording)", "fps (min / median)": result["rtmp_recording"].get("fps"),
@@ -172,6 +200,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_common_args(parser)
     parser.add_argument("--viewers", type=int, default=20, help="WHEP viewers (default 20)")
+    parser.add_argument("--decoding-viewers", type=int, default=2,
+                        help="viewers that decode video in this process (default 2); the others count "
+                             "received frames without decoding, in a child process: on one 2-core machine "
+                             "20 VP8 decoders measure the viewers' CPU, not the server")
+    parser.add_argument("--whep-encode", choices=("shared", "per-viewer"), default="shared",
+                        help="serve's --whep-encode (default shared: one VP8 encode for all viewers)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         result = {**common.header("broadcast", args, None), **asyncio.run(scenario(args, Path(tmp)))}

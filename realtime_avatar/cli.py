@@ -253,7 +253,7 @@ def _broadcast_options(args):
         print("note: --broadcast without --rtmp/--janus: watch it at /watch/" + args.broadcast, file=sys.stderr)
     return BroadcastOptions(rtmp_url=args.rtmp, rtmp_sessions=args.rtmp_sessions, janus_url=args.janus,
                             janus_room=args.room, max_viewers=args.max_viewers,
-                            broadcast_session=args.broadcast)
+                            broadcast_session=args.broadcast, whep_shared_encode=args.whep_encode == "shared")
 
 
 def cmd_serve(args) -> int:
@@ -478,6 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="create a session NAME at start, fed only by the audio-push API (ws /sessions/NAME/audio), "
                         "published to --rtmp and --janus and watchable at /watch/NAME")
     g.add_argument("--max-viewers", type=int, default=50, help="WHEP viewers per server before 503 (default 50)")
+    g.add_argument("--whep-encode", choices=("shared", "per-viewer"), default="shared",
+                   help="'shared' (default): a session's video is VP8-encoded once for all its WHEP viewers "
+                        "(fixed 1 Mbit/s); 'per-viewer': aiortc's own encoder per viewer (adapts to each "
+                        "viewer's bandwidth, costs one encode per viewer)")
     _model_args(p)
     _device_args(p)
     p.set_defaults(func=cmd_serve)

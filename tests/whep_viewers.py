@@ -6,14 +6,21 @@ Joins all viewers, waits `warmup` seconds, counts the frames each receives for `
 seconds, leaves (DELETE), and prints one JSON line: {"fps": [...], "audio_frames": [...],
 "connected": n}. The first `--audio` viewers also receive audio (Opus doubles the packets).
 Tests run the crowd here so that the server under test has its process to itself.
+
+--count-only: the crowd's video is depacketized but not decoded (one 2x2 frame per complete
+received VP8/H.264 frame). For benchmarks where the viewers share the server's CPU: a real
+viewer decodes on its own machine, and 20 decoders on the server's 2 cores measure the cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import fractions
 import json
 import time
+
+import av
 
 import aiohttp
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
@@ -66,6 +73,24 @@ class Viewer:
             task.cancel()
 
 
+class CountingDecoder:
+    """Stands in for aiortc's video decoder: a 2x2 frame per complete encoded frame."""
+
+    def decode(self, encoded_frame) -> list[av.VideoFrame]:
+        frame = av.VideoFrame(2, 2, "yuv420p")
+        frame.pts, frame.time_base = encoded_frame.timestamp, fractions.Fraction(1, 90_000)
+        return [frame]
+
+
+def count_only_video() -> None:
+    """Make this process's aiortc receivers count video frames instead of decoding them."""
+    import aiortc.rtcrtpreceiver as receiver
+
+    decoder_for = receiver.get_decoder
+    receiver.get_decoder = lambda codec: (CountingDecoder() if codec.mimeType.lower().startswith("video/")
+                                          else decoder_for(codec))
+
+
 async def crowd(args) -> dict:
     async with aiohttp.ClientSession() as http:
         viewers = [Viewer(audio=i < args.audio) for i in range(args.viewers)]
@@ -89,4 +114,8 @@ if __name__ == "__main__":
     parser.add_argument("--audio", type=int, default=2)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--measure", type=float, default=4.0)
-    print(json.dumps(asyncio.run(crowd(parser.parse_args()))), flush=True)
+    parser.add_argument("--count-only", action="store_true", help="count video frames, do not decode them")
+    arguments = parser.parse_args()
+    if arguments.count_only:
+        count_only_video()
+    print(json.dumps(asyncio.run(crowd(arguments))), flush=True)
