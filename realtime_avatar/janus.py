@@ -10,6 +10,14 @@ Janus session alive.
 `JanusPublisher.run()` supervises: a Janus that refuses (down, no such room and creation
 forbidden, a plugin error) is logged with its reason and retried with backoff; the avatar
 session is never touched by any of it.
+
+Why not a client library: `janus-client` 0.9.0 on PyPI (MIT, 2025-11; aiohttp + aiortc +
+websockets) was read for this. Its VideoRoom plugin creates and owns the RTCPeerConnection and
+calls setLocalDescription inside publish(), where the server's bound-address ICE hook
+(server.ice_gathering_on) and the shared-encode/Opus track wrappers have to wrap exactly that
+call, and it imports a websockets transport we do not use (a new dependency). What we need of
+the REST API is create / attach / join / publish / long poll: about 150 lines here, tested
+against a real Janus (tests/test_janus.py).
 """
 
 from __future__ import annotations
