@@ -3,6 +3,8 @@
     python benchmarks/study_window.py --runs runs/window-study --minutes 20 --clips 60 \
         --out benchmarks/results/window_study.json --plots benchmarks/results
     python benchmarks/study_window.py --runs /tmp/ws --quick          # proves the script (minutes)
+    python benchmarks/study_window.py --runs runs/ws-warm --init runs/v2/model.safetensors \
+        --identities any-face --minutes 8 --clips 40                   # warm start: UNet stage only
 
 For every setting of the grid (right context 80 / 40 / 0 ms x lookahead 100 / 40 / 0 ms, the
 encoder at its live hop and window), one model is trained with export.train on the SAME data
@@ -11,6 +13,11 @@ wall-clock budget, then scored on held-out clips (export.evaluate: Pearson r of 
 lip opening against the teacher's jaw curve; share of silent frames with a closed mouth) and
 set against its designed delay: right context + lookahead + hop, the part of the output delay
 the model decides (a session adds its measured compute and jitter to every setting alike).
+
+Warm start (--init): every setting starts from the same trained weights and trains only the UNet
+stage (its autoencoder is kept), so a few minutes per setting measure what the audio window
+allows rather than how far a from-scratch model gets in that time. The init's own setting has a
+head start; the rule below then favours the lower-delay settings only when they really keep up.
 
 The 10-feature window keeps its length at every right context (80 ms: 2i-4..2i+5, MuseTalk's;
 40 ms: 2i-6..2i+3; 0 ms: 2i-8..2i+1): the same architecture and cost, only what it hears moves.
@@ -77,6 +84,7 @@ def train_setting(args, right_context_ms: int, lookahead_ms: int) -> Path:
     settings = tr.TrainSettings(
         out=out, minutes=args.minutes, clips=args.clips, seed=args.seed, workers=args.workers, threads=args.threads,
         window=AudioWindow.with_right_context(right_context_ms), streaming=streaming,
+        identities=args.identities, init=args.init, max_autoencoder_steps=0 if args.init else None,
     )  # fmt: skip
     if args.quick:  # a tiny model and a few steps: proves the pipeline, not the trade-off
         from realtime_avatar.models.compact import CompactConfig
@@ -115,6 +123,7 @@ def run(args: argparse.Namespace) -> dict:
     result = common.header("study_window", args, None)
     result |= {
         "settings": {"minutes_each": args.minutes, "clips": args.clips, "seed": args.seed, "heldout_clips": args.heldout,
+                     "init": None if args.init is None else str(args.init), "identities": args.identities,
                      "hop_s": args.hop, "encoder_window_s": args.encoder_window, "quick": args.quick},
         "rows": rows,
         "chosen": None if chosen is None else chosen["setting"],
@@ -177,8 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--right-context", type=int, nargs="+", default=list(RIGHT_CONTEXT_MS), help="ms, multiples of 20")
     p.add_argument("--lookahead", type=int, nargs="+", default=list(LOOKAHEAD_MS), help="ms")
     p.add_argument("--idle-seconds", type=float, default=1.0, help="avatar idle cycle for scoring (default 1 s)")
+    p.add_argument("--init", type=Path, default=None,
+                   help="warm start: every setting starts from these compact weights and trains the UNet stage only")
+    p.add_argument("--identities", default="astronaut", help="training faces (export.train --identities; default astronaut)")
     p.add_argument("--retrain", action="store_true", help="train settings again even when their model exists")
     args = p.parse_args(argv)
+    if args.init is not None and not args.init.is_file():
+        p.error(f"--init {args.init}: no such file")
     if args.quick:
         args.clips, args.heldout, args.minutes, args.workers = 1, 1, min(args.minutes, 3.0), 1
     result = run(args)

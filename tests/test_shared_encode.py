@@ -177,11 +177,12 @@ def test_whep_viewers_share_one_encode_and_an_h264_viewer_gets_its_own():
             await asyncio.sleep(1.5)
             outputs = app[BROADCASTER_KEY].sessions["show"].runner.outputs
             shared = outputs.shared_encoder
-            encoded0, keyframes0 = shared.frames_encoded, shared.keyframes
+            session = app[BROADCASTER_KEY].sessions["show"].session
+            encoded0, keyframes0, sent0 = shared.frames_encoded, shared.keyframes, session.stats()["frames_sent"]
             m0 = time.monotonic()
             await asyncio.sleep(2.0)
             m1 = time.monotonic()
-            encoded = shared.frames_encoded - encoded0
+            encoded, sent = shared.frames_encoded - encoded0, session.stats()["frames_sent"] - sent0
             # what each server-side peer negotiated: VP8 for the crowd, H.264 for the other
             negotiated = sorted(t._codecs[0].mimeType for v in app[BROADCASTER_KEY].whep.viewers.values()
                                 for t in v.pc.getTransceivers() if t.kind == "video")
@@ -198,13 +199,47 @@ def test_whep_viewers_share_one_encode_and_an_h264_viewer_gets_its_own():
             for v in viewers + [h264]:
                 await v.leave(http, url)
             await asyncio.sleep(0.3)
-            return fps, h264_fps, encoded / (m1 - m0), keyframes0, keyframe_on_pli, shared.closed, negotiated
+            session_fps = sent / (m1 - m0)
+            return fps, h264_fps, encoded, sent, session_fps, keyframes0, keyframe_on_pli, shared.closed, negotiated
 
-    fps, h264_fps, encode_rate, keyframes, keyframe_on_pli, closed, negotiated = asyncio.run(scenario())
+    fps, h264_fps, encoded, sent, session_fps, keyframes, keyframe_on_pli, closed, negotiated = asyncio.run(scenario())
     assert negotiated == ["video/H264", "video/VP8", "video/VP8", "video/VP8"]
-    assert min(fps) >= 24.0, fps  # decoded frames per second, each VP8 viewer
-    assert h264_fps >= 24.0
-    assert 23.0 <= encode_rate <= 27.0  # one encode per frame for three VP8 viewers
+    # one encode per session frame for three VP8 viewers (not three)
+    assert abs(encoded - sent) <= 5, (encoded, sent)  # counters read mid-flight: a queue apart
+    # each VP8 viewer decodes what the session sends (25 fps on an idle machine; the session's
+    # own rate is the reference, so a loaded test machine does not fail the fan-out)
+    assert min(fps) >= 0.9 * session_fps and session_fps >= 20.0, (fps, session_fps)
+    assert h264_fps >= 0.9 * session_fps
     assert keyframes <= 3  # viewers joining together share keyframes
     assert keyframe_on_pli == 1
     assert closed  # all viewers left: the shared encoder stopped
+
+
+def test_serve_whep_encode_option_reaches_the_broadcast_options():
+    from realtime_avatar.cli import _broadcast_options, build_parser
+
+    assert _broadcast_options(build_parser().parse_args(["serve"])).whep_shared_encode is True
+    per_viewer = build_parser().parse_args(["serve", "--whep-encode", "per-viewer"])
+    assert _broadcast_options(per_viewer).whep_shared_encode is False
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--whep-encode", "h264"])
+
+
+def test_per_viewer_encoding_is_still_there_when_asked_for():
+    async def scenario():
+        app = _app(shared=False)
+        async with serving(app) as url, aiohttp.ClientSession() as http:
+            async with http.post(f"{url}/sessions", json={"name": "show", "outputs": ["whep"]}) as r:
+                assert r.status == 201, await r.text()
+            viewer = Viewer(audio=False)
+            await viewer.join(http, f"{url}/whep/show")
+            await asyncio.sleep(1.0)
+            m0 = time.monotonic()
+            await asyncio.sleep(1.5)
+            fps = viewer.fps(m0, time.monotonic())
+            shared = app[BROADCASTER_KEY].sessions["show"].runner.outputs.shared_encoder
+            await viewer.leave(http, url)
+            return fps, shared
+
+    fps, shared = asyncio.run(scenario())
+    assert fps >= 20.0 and shared is None  # aiortc's own encoder; no shared one made
