@@ -99,4 +99,7 @@ if [[ ! -f $stamp ]]; then
   rm -f .venv/.setup-*
   touch "$stamp"
 fi
+# The Whisper encoder as an ONNX Runtime graph (a few seconds; about half the CPU time per
+# encoder run, see realtime_avatar/onnx_encoder.py). Skipped when built; serve falls back to torch.
+$VPY -m export.encoder_onnx >/dev/null 2>&1 || echo "[setup] note: the ONNX encoder graph was not built (python -m export.encoder_onnx says why); serve uses the torch encoder"
 echo "[setup] ready: $($VPY -c 'import realtime_avatar, torch; print("realtime_avatar", realtime_avatar.__version__, "torch", torch.__version__)')"

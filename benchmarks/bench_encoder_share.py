@@ -10,6 +10,9 @@ the wall clock, for a few seconds. Reported per (window, hop, sessions): the run
 (median, p99), the CPU the process used (process CPU seconds / wall seconds, in cores and as a
 share of this machine's cores), and how many runs started more than one hop late (the encoder
 not keeping up). Prints JSON + a table; writes encoder_share.png.
+
+--encoder both (default) measures torch eager and the ONNX Runtime graph (realtime_avatar/
+onnx_encoder.py; built by `python -m export.encoder_onnx` when missing) in the same run.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ def session_thread(encoder, window_s: float, hop_s: float, seconds: float, times
             k += 1
 
 
-def measure(encoder, window_s: float, hop_s: float, sessions: int, seconds: float) -> dict:
+def measure(encoder, window_s: float, hop_s: float, sessions: int, seconds: float, backend: str = "torch") -> dict:
     times: list[float] = []
     late: list[int] = []
     threads = [threading.Thread(target=session_thread, args=(encoder, window_s, hop_s, seconds, times, late))
@@ -75,7 +78,7 @@ def measure(encoder, window_s: float, hop_s: float, sessions: int, seconds: floa
     cores = os.cpu_count() or 1
     expected = sessions * seconds / hop_s
     return {
-        "window_s": window_s, "hop_s": hop_s, "sessions": sessions,
+        "encoder": backend, "window_s": window_s, "hop_s": hop_s, "sessions": sessions,
         "runs_per_s": round(len(times) / wall, 1),
         "runs_expected_per_s": round(expected / seconds, 1),
         "run_ms_median": round(1000 * float(np.median(times)), 2),
@@ -95,10 +98,21 @@ def run(args: argparse.Namespace) -> dict:
     from realtime_avatar.whisper_weights import load_whisper
 
     torch.set_num_threads(args.threads)
-    encoder = load_whisper("tiny.en").encoder.eval()
+    encoders = {}
+    if args.encoder in ("torch", "both"):
+        encoders["torch"] = load_whisper("tiny.en").encoder.eval()
+    if args.encoder in ("onnx", "both"):
+        from export.encoder_onnx import build_encoder_onnx
+        from realtime_avatar.engines import default_engines_dir
+        from realtime_avatar.onnx_encoder import attach_onnx_encoder
+
+        build_encoder_onnx("tiny.en")  # no-op when built
+        encoders["onnx"] = load_whisper("tiny.en").encoder.eval()
+        attach_onnx_encoder(encoders["onnx"], default_engines_dir(), args.threads)
     seconds = 2.0 if args.quick else args.seconds
     settings = SETTINGS[:1] if args.quick else SETTINGS
-    rows = [measure(encoder, w, h, s, seconds) for w, h in settings for s in (SESSIONS[:1] if args.quick else SESSIONS)]
+    rows = [measure(encoder, w, h, s, seconds, name) for w, h in settings
+            for s in (SESSIONS[:1] if args.quick else SESSIONS) for name, encoder in encoders.items()]
     result = common.header("encoder_share", args, None)
     result |= {"seconds_each": seconds, "threads": args.threads, "cores": os.cpu_count(),
                "load_average": os.getloadavg(), "competing": common.competing_processes(), "rows": rows}
@@ -110,8 +124,8 @@ def plot(rows: list[dict], plots: Path | None) -> str | None:
     if plots is None:
         return None
     plt = common.pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    labels = [f"{r['window_s']:g} s / {1000 * r['hop_s']:.0f} ms\n{r['sessions']} sess." for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(rows)), 3.8))
+    labels = [f"{r['window_s']:g} s / {1000 * r['hop_s']:.0f} ms\n{r['sessions']} sess.\n{r['encoder']}" for r in rows]
     x = np.arange(len(rows))
     ax.bar(x - 0.2, [100 * r["cpu_share_of_machine"] for r in rows], 0.4, label="measured")
     ax.bar(x + 0.2, [100 * r["share_needed_at_full_rate"] for r in rows], 0.4, label="needed at full rate")
@@ -130,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_common_args(p)
     p.add_argument("--seconds", type=float, default=6.0, help="seconds per measurement (default 6)")
+    p.add_argument("--encoder", choices=("torch", "onnx", "both"), default="both",
+                   help="torch eager, the ONNX Runtime graph, or both in one run (default)")
     args = p.parse_args(argv)
     common.finish(run(args), args, markdown)
     return 0

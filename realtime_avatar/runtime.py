@@ -138,7 +138,8 @@ class Runtime:
     def describe(self) -> str:
         a = self.avatar
         return (f"model {self.model.model_id} ({self.model.weights_hash()[:12]}), avatar {a.path} "
-                f"({a.num_frames} frames {a.frame_shape[1]}x{a.frame_shape[0]}), {self.engine.describe()}")
+                f"({a.num_frames} frames {a.frame_shape[1]}x{a.frame_shape[0]}), {self.engine.describe()}, "
+                f"whisper encoder on {'onnxruntime' if hasattr(self.encoder, 'onnx_runner') else 'torch'}")
 
 
 def resolve_avatar(avatar: str | Path | None, model: RendererModel, progress: bool = True,
@@ -182,6 +183,14 @@ def load_runtime(
     target = choose_device(device)
     precision = choose_precision(precision, target)
     encoder = load_whisper(whisper, device=target).encoder
+    if backend != "torch":
+        from .engines import default_engines_dir
+        from .onnx_encoder import attach_onnx_encoder
+
+        if attach_onnx_encoder(encoder, default_engines_dir(), threads):
+            log.info("whisper encoder: ONNX Runtime (%s)", encoder.onnx_runner.path)
+        elif target.type == "cpu":
+            log.info("whisper encoder: torch (`python -m export.encoder_onnx` builds a graph that runs ~2x faster)")
     renderer_model = load_model(model, device=target, allow_random=allow_random)
     step = "compiled" if backend == "compiled" else "torch"
     if backend not in ("torch", "compiled"):

@@ -149,10 +149,24 @@ def batched_hidden_states(
     if len(position_offsets) != mels.shape[0]:
         raise ValueError(f"{mels.shape[0]} mel windows but {len(position_offsets)} position offsets")
     mels = mels.to(encoder_device(encoder), encoder.conv1.weight.dtype)
+    n = (mels.shape[-1] + 1) // 2  # conv2's stride 2
+    positions = torch.stack([encoder.positional_embedding[o : o + n] for o in position_offsets])
+    runner = getattr(encoder, "onnx_runner", None)  # onnx_encoder.attach_onnx_encoder (CPU)
+    if runner is not None:
+        stacked = runner(mels, positions)
+        if layout == "v15":
+            stacked[:, :, -1] = encoder.ln_post(stacked[:, :, -1])
+        return stacked
+    return torch.stack(encoder_states(encoder, mels, positions, layout), dim=2).float()
+
+
+def encoder_states(encoder: AudioEncoder, mels: torch.Tensor, positions: torch.Tensor,
+                   layout: LayerLayout | None = "v15") -> list[torch.Tensor]:
+    """The encoder's body in torch: mels [B, n_mels, 2T], positions [B, T, D] -> the input of
+    every block and the last output, each [B, T, D] (ln_post on the last for layout "v15";
+    None: never). export/encoder_onnx.py exports exactly this."""
     x = F.gelu(encoder.conv1(mels))
     x = F.gelu(encoder.conv2(x)).permute(0, 2, 1)
-    n = x.shape[1]
-    positions = torch.stack([encoder.positional_embedding[o : o + n] for o in position_offsets])
     x = x + positions
     states = [x]
     for block in encoder.blocks:
@@ -160,7 +174,7 @@ def batched_hidden_states(
         states.append(x)
     if layout == "v15":
         states[-1] = encoder.ln_post(states[-1])
-    return torch.stack(states, dim=2).float()
+    return states
 
 
 @torch.inference_mode()
