@@ -102,4 +102,7 @@ fi
 # The Whisper encoder as an ONNX Runtime graph (a few seconds; about half the CPU time per
 # encoder run, see realtime_avatar/onnx_encoder.py). Skipped when built; serve falls back to torch.
 $VPY -m export.encoder_onnx >/dev/null 2>&1 || echo "[setup] note: the ONNX encoder graph was not built (python -m export.encoder_onnx says why); serve uses the torch encoder"
+# The default model's render graph on ONNX Runtime (gated against torch; ~1.7x faster per frame
+# than torch on the 2-core avx2 machine: 10.4 vs 17.6 ms at batch 4). Cached by weights hash.
+$VPY -m export.build_engines --backend onnx --batch 4 --runs 1 --seconds 0.2 --no-torch >/dev/null 2>&1 || echo "[setup] note: the ONNX render engine was not built (python -m export.build_engines says why); serve renders with torch"
 echo "[setup] ready: $($VPY -c 'import realtime_avatar, torch; print("realtime_avatar", realtime_avatar.__version__, "torch", torch.__version__)')"
