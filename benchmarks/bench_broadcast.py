@@ -161,6 +161,9 @@ async def scenario(args, tmp: Path) -> dict:
                 "janus_subscriber": {"fps": round(received.fps(t0), 2), "audio_frames": received.audio_frames,
                                      "audio_peak": round(received.audio_peak, 3)},
                 "session": stats["session"],
+                # share of the frames the clock played from speech that were not rendered in
+                # time (shown as idle frames): the mouth the audience sees
+                "session_late_share": stats["session"]["late_frames"] / max(1, stats["session"]["frames_played"]),
                 "rtmp_push": stats["rtmp"], "janus_publisher": stats["janus"], "window_s": round(t1 - t0, 2),
             })
             left = await asyncio.gather(*(v.leave(http, url) for v in decoding), return_exceptions=True)
@@ -189,7 +192,8 @@ def markdown(result: dict) -> str:
         {"output": "RTMP (nginx recording)", "fps (min / median)": result["rtmp_recording"].get("fps"),
          "audio": f"{result['rtmp_recording'].get('audio_seconds')} s"},
         {"output": "session itself", "fps (min / median)": result["session"]["fps"],
-         "audio": f"late frames {result['session']['late_frames']}"},
+         "audio": f"speech frames late {result['session']['late_frames']} of {result['session']['frames_played']} "
+                  f"({result['session_late_share']:.0%})"},
     ]
     agent = result["agent"]
     return (common.markdown_table(rows) + f"\nTTS {agent['tts_seconds']} s; first push -> playback_started "

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -76,6 +77,7 @@ WHISPER = "tiny.en"  # the encoder whose features the model learns to hear (reco
 CHECKPOINT = "checkpoint.pt"
 MODEL_FILE = "model.safetensors"
 LOG_FILE = "log.jsonl"
+LATENTS_FILE = "latents.pt"  # the UNet stage's latents, kept for resumes (not a checkpoint: rebuilt when missing)
 CLIP_CACHE_VERSION = 1  # bump when what a cached clip holds or how it is computed changes
 
 AUTOENCODER_SHARE = 0.35  # of the training time left after data preparation
@@ -418,6 +420,37 @@ def encode_all(encoder: torch.nn.Module, clips: Sequence[ClipData], batch: int =
         masked_.append(enc(masked(clip.frames)).contiguous())
         photos.append(enc(clip.photos).contiguous())
     return Latents(full, masked_, photos)
+
+
+def latents_key(encoder: torch.nn.Module, clips: Sequence[ClipData]) -> str:
+    """What the latents of a run depend on: the encoder's weights and the clips' frames (counts)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(encoder.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(str([(len(c.frames), len(c.photos)) for c in clips]).encode())
+    return digest.hexdigest()[:16]
+
+
+def cached_latents(out: Path, encoder: torch.nn.Module, clips: Sequence[ClipData]) -> Latents:
+    """encode_all, kept in OUT/latents.pt: the encoder is frozen after the autoencoder stage, so
+    a resumed UNet stage reuses them (400 clips: ~40k frames, ~4 GB, 20+ minutes to encode on
+    2 cores). A file of other weights or clips is ignored and replaced; written atomically."""
+    key = latents_key(encoder, clips)
+    path = out / LATENTS_FILE
+    if path.is_file():
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved.get("key") == key:
+                log.info("latents reused from %s", path)
+                return Latents(saved["full"], saved["masked"], saved["photos"])
+        except Exception as exc:  # a torn or foreign file: encode again
+            log.warning("%s: not usable (%s); encoding again", path, exc)
+    latents = encode_all(encoder, clips)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"key": key, "full": latents.full, "masked": latents.masked, "photos": latents.photos}, tmp)
+    os.replace(tmp, path)
+    return latents
 
 
 @dataclass
@@ -823,7 +856,7 @@ def train(
         trainer.checkpoint()
     if p.stage == "unet":
         t0 = time.monotonic()
-        trainer.latents = encode_all(trainer.net.encoder, clips)
+        trainer.latents = cached_latents(out, trainer.net.encoder, clips)
         log.info("latents of %d frames in %.0f s", frames, time.monotonic() - t0)
         unet_budget = p.stage_seconds + max(budget - trainer.spent(), 0.0)
         p.stage_budget = unet_budget

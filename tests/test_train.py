@@ -168,6 +168,28 @@ def test_losses_decrease_on_a_fixed_batch(tmp_path, clip_cache):
     assert np.mean(unet[-5:]) < 0.92 * np.mean(unet[:3])
 
 
+def test_latents_are_kept_for_resumes_and_redone_for_other_weights(tmp_path, clip_cache, monkeypatch):
+    clips = [shortened(c, 12) for c in load_cached(clip_cache)]
+    torch.manual_seed(0)
+    net = CompactNet(TINY)
+    first = tr.cached_latents(tmp_path, net.encoder, clips)
+    assert (tmp_path / tr.LATENTS_FILE).is_file() and not list(tmp_path.glob("*.tmp"))
+    encoded = []
+    real_encode_all = tr.encode_all
+    monkeypatch.setattr(tr, "encode_all", lambda *a, **k: encoded.append(1) or real_encode_all(*a, **k))
+    again = tr.cached_latents(tmp_path, net.encoder, clips)  # a resume: read, not encoded
+    assert not encoded
+    assert all(torch.equal(a, b) for a, b in zip(first.full + first.masked + first.photos,
+                                                   again.full + again.masked + again.photos))
+    with torch.no_grad():
+        next(net.encoder.parameters()).add_(0.1)  # other weights: encoded again, file replaced
+    third = tr.cached_latents(tmp_path, net.encoder, clips)
+    assert encoded == [1] and not torch.equal(third.full[0], first.full[0])
+    (tmp_path / tr.LATENTS_FILE).write_bytes(b"torn")  # a torn file: encoded again, no crash
+    tr.cached_latents(tmp_path, net.encoder, clips)
+    assert encoded == [1, 1]
+
+
 def test_train_crash_resume_and_export(tmp_path, clip_cache):
     out = tmp_path / "run"
     (out / "clips").mkdir(parents=True)
