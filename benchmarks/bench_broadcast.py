@@ -16,7 +16,8 @@ Everything shares one machine, so by default only 2 WHEP viewers decode (here); 
 the complete frames they receive without decoding them (tests/whep_viewers.py --count-only, in a
 child process), as viewers on their own machines would leave the server's cores alone.
 `--decoding-viewers 20` decodes all of them here; `--whep-encode per-viewer` compares with one
-VP8 encode per viewer.
+VP8 encode per viewer; `--via janus` makes the audience subscribers of the Janus room instead
+(the SFU path: the server sends one stream, Janus fans it out).
 
     .venv/bin/python benchmarks/bench_broadcast.py [--quick] [--viewers 20] [--plots DIR]
 
@@ -45,7 +46,7 @@ import common  # noqa: E402
 from tests.broadcast_servers import JanusGateway, NginxRtmp, free_port  # noqa: E402
 from tests.speech import espeak_wav  # noqa: E402
 from tests.test_janus import Received, subscribe  # noqa: E402
-from tests.whep_viewers import Viewer  # noqa: E402
+from tests.whep_viewers import JanusViewer, Viewer  # noqa: E402
 
 ROOM = 1234
 TTS_TEXT = ("Hello everyone, and welcome to the show. I am a talking avatar, and this voice comes from a "
@@ -93,6 +94,28 @@ async def agent(url: str, wav: Path) -> dict:
             "interrupted": events["playback_finished"][1]["interrupted"]}
 
 
+async def wait_publisher(http: aiohttp.ClientSession, janus_url: str, timeout: float = 30) -> None:
+    """Until the avatar publishes in the room (serve joins Janus in the background)."""
+    from realtime_avatar.janus import VIDEOROOM, JanusSession
+
+    janus = JanusSession(http, janus_url)
+    await janus.create()
+    try:
+        handle = await janus.attach(VIDEOROOM)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                listing = await janus.request(handle, {"request": "listparticipants", "room": ROOM})
+                if any(p.get("publisher") for p in listing.get("participants", [])):
+                    return
+            except Exception:  # noqa: BLE001 - the room may not exist yet
+                pass
+            await asyncio.sleep(0.2)
+        raise TimeoutError(f"the avatar did not publish in Janus room {ROOM} within {timeout:g} s")
+    finally:
+        await janus.destroy()
+
+
 def rtmp_recording(nginx: NginxRtmp) -> dict:
     records = nginx.records("avatar")
     if not records:
@@ -126,13 +149,19 @@ async def scenario(args, tmp: Path) -> dict:
         async with aiohttp.ClientSession() as http:
             # Viewers that decode run here; the rest (a crowd that counts frames without decoding,
             # as if each decoded on its own machine) in a child process: see --decoding-viewers.
-            decoding = [Viewer(audio=i < 2) for i in range(min(args.decoding_viewers, args.viewers))]
-            await asyncio.gather(*(v.join(http, f"{url}/whep/broadcast") for v in decoding))
+            if args.via == "janus":  # the audience through the SFU: the server publishes once
+                await wait_publisher(http, janus.url)
+                decoding = [JanusViewer(audio=i < 2) for i in range(min(args.decoding_viewers, args.viewers))]
+                await asyncio.gather(*(v.join(http, janus.url, ROOM) for v in decoding))
+            else:
+                decoding = [Viewer(audio=i < 2) for i in range(min(args.decoding_viewers, args.viewers))]
+                await asyncio.gather(*(v.join(http, f"{url}/whep/broadcast") for v in decoding))
             crowd_n = args.viewers - len(decoding)
             crowd = None
             if crowd_n:
+                target = (janus.url, str(ROOM)) if args.via == "janus" else (url, "broadcast")
                 crowd = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "tests.whep_viewers", url, "broadcast", "--viewers", str(crowd_n),
+                    sys.executable, "-m", "tests.whep_viewers", *target, "--via", args.via, "--viewers", str(crowd_n),
                     "--audio", "0", "--warmup", "3", "--measure", f"{tts_s + 1:.2f}", "--count-only",
                     cwd=common.REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
                 await asyncio.wait_for(crowd.stdout.readline(), 120)  # joined
@@ -153,7 +182,7 @@ async def scenario(args, tmp: Path) -> dict:
             connected = sum(v.pc.connectionState == "connected" for v in decoding) + crowd_out.get("connected", 0)
             result.update({
                 "agent": agent_result,
-                "whep_viewers": {"n": args.viewers, "connected": connected, "fps": common.summarize(all_fps),
+                "whep_viewers": {"n": args.viewers, "via": args.via, "connected": connected, "fps": common.summarize(all_fps),
                                  "decoding": len(decoding), "decoding_fps": [round(f, 2) for f in fps],
                                  "counting_only": crowd_n,
                                  "audio_frames_first_two": [v.audio_frames for v in decoding[:2]],
@@ -182,7 +211,8 @@ async def scenario(args, tmp: Path) -> dict:
 
 def markdown(result: dict) -> str:
     rows = [
-        {"output": f"WHEP viewers ({result['whep_viewers']['n']}: {result['whep_viewers']['decoding']} decoding)",
+        {"output": f"{result['whep_viewers'].get('via', 'whep').upper()} viewers ({result['whep_viewers']['n']}: "
+                   f"{result['whep_viewers']['decoding']} decoding)",
          "fps (min / median)": f"{result['whep_viewers']['fps']['min']} / {result['whep_viewers']['fps']['median']}",
          "audio": "yes"},
         {"output": "  of them decoding here", "fps (min / median)":
@@ -208,6 +238,9 @@ def main() -> int:
                         help="viewers that decode video in this process (default 2); the others count "
                              "received frames without decoding, in a child process: on one 2-core machine "
                              "20 VP8 decoders measure the viewers' CPU, not the server")
+    parser.add_argument("--via", choices=("whep", "janus"), default="whep",
+                        help="how the viewers watch: WHEP from the server (default) or as subscribers of the "
+                             "Janus room the server publishes into (the SFU path: the server sends one stream)")
     parser.add_argument("--whep-encode", choices=("shared", "per-viewer"), default="shared",
                         help="serve's --whep-encode (default shared: one VP8 encode for all viewers)")
     args = parser.parse_args()

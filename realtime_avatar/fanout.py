@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import asyncio
 
-from aiortc import MediaStreamTrack
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCRtpSender
 from aiortc.contrib.media import MediaRelay
 
-from .shared_encode import DEFAULT_BITRATE, EncodedVideoTrack, SharedVideoEncoder
+from .shared_encode import DEFAULT_BITRATE, EncodedTrack, EncodedVideoTrack, SharedAudioEncoder, SharedVideoEncoder
 
 PROXY_QUEUE_TICKS = 4  # frames a consumer may lag (160 ms at 25 fps) before its oldest is dropped
 BROADCAST_QUEUE_TICKS = 50  # the RTMP reader hands frames on at once; 2 s covers event-loop stalls
@@ -83,6 +83,7 @@ class SessionOutputs:
         self.relay = MediaRelay()
         self._video = Yuv420Track(session.video_track)
         self._shared_vp8: SharedVideoEncoder | None = None
+        self._shared_opus: SharedAudioEncoder | None = None
 
     def video(self, *, every_frame: bool = False, own_peer: bool = False) -> MediaStreamTrack:
         """A new video proxy (yuv420p frames, shared: read them, never modify them).
@@ -100,6 +101,18 @@ class SessionOutputs:
             self._shared_vp8 = SharedVideoEncoder(self.video(), bitrate=bitrate)
         return self._shared_vp8.subscribe()
 
+    def encoded_audio(self) -> EncodedTrack:
+        """A new consumer track of Opus packets from the session's one shared audio encoder
+        (created on first use, closed when its last consumer leaves)."""
+        if self._shared_opus is None or self._shared_opus.closed:
+            self._shared_opus = SharedAudioEncoder(self.audio())
+        return self._shared_opus.subscribe()
+
+    @property
+    def shared_audio_encoder(self) -> SharedAudioEncoder | None:
+        """The session's shared Opus encoder while it has consumers (None before the first)."""
+        return self._shared_opus
+
     @property
     def shared_encoder(self) -> SharedVideoEncoder | None:
         """The session's shared VP8 encoder while it has viewers (None before the first)."""
@@ -110,6 +123,27 @@ class SessionOutputs:
         ticks = BROADCAST_QUEUE_TICKS if every_frame else PROXY_QUEUE_TICKS
         return _bounded(self.relay.subscribe(self.session.audio_track, buffered=True), ticks,
                         self.session.audio_track if own_peer else None)
+
+
+SHARED_CODECS = {"video": ("video/vp8", "video/rtx"), "audio": ("audio/opus",)}
+
+
+def add_shared_track(pc: RTCPeerConnection, outputs: SessionOutputs, kind: str) -> EncodedTrack:
+    """Send the session's shared encode of `kind` ("video": VP8, "audio": Opus) on `pc`, and
+    restrict that transceiver to the shared codec (call before createOffer/createAnswer; the
+    remote side must support it: see whep.check_viewer_offer). The peer's keyframe requests
+    (RTCP PLI/FIR) go to the shared encoder: aiortc's sender would force a keyframe of its own
+    encoder, and it has none here. Returns the track (stop() it when the peer leaves)."""
+    track = outputs.encoded_video() if kind == "video" else outputs.encoded_audio()
+    sender = pc.addTrack(track)
+    wanted = SHARED_CODECS[kind]
+    for transceiver in pc.getTransceivers():
+        if transceiver.sender is sender:
+            transceiver.setCodecPreferences(
+                [c for c in RTCRtpSender.getCapabilities(kind).codecs if c.mimeType.lower() in wanted])
+    if kind == "video":
+        sender._send_keyframe = track.request_keyframe
+    return track
 
 
 def outputs_of(session) -> SessionOutputs:

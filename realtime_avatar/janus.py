@@ -3,7 +3,8 @@
 Talks to a Janus gateway over its documented HTTP (REST) API with aiohttp
 (https://janus.conf.meetecho.com/docs/rest.html): create a session, attach the
 `janus.plugin.videoroom` handle, make sure the room exists, join it as a publisher and publish
-an aiortc offer carrying relay proxies of the session's tracks (Opus + VP8, the room defaults).
+an aiortc offer carrying the session's shared Opus and VP8 encodes (shared_encode.py; the room's
+codecs), so publishing adds no encode to those its WHEP viewers already share.
 Janus' asynchronous answers arrive on a long poll (GET /janus/<session>), which also keeps the
 Janus session alive.
 
@@ -29,7 +30,7 @@ import uuid
 import aiohttp
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
-from .fanout import SessionOutputs
+from .fanout import SessionOutputs, add_shared_track
 
 log = logging.getLogger(__name__)
 
@@ -182,12 +183,10 @@ class JanusPublisher:
         joined, _ = await janus.message(handle, {"request": "join", "ptype": "publisher", "room": self.room,
                                                   "display": self.display})
         self.publisher_id = joined.get("id")
-        from .server import PtimeAudioTrack
-
         self._pc = pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        self._proxies = [outputs.audio(), outputs.video()]
-        pc.addTrack(PtimeAudioTrack(self._proxies[0]))
-        pc.addTrack(self._proxies[1])
+        # The session's shared Opus and VP8 encodes (the room's codecs), the same packets its
+        # WHEP viewers get: publishing costs no encode of its own.
+        self._proxies = [add_shared_track(pc, outputs, "audio"), add_shared_track(pc, outputs, "video")]
         await pc.setLocalDescription(await pc.createOffer())
         _, jsep = await janus.message(handle, {"request": "publish", "audio": True, "video": True},
                                       jsep={"type": "offer", "sdp": pc.localDescription.sdp})

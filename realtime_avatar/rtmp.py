@@ -30,6 +30,7 @@ import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError
 
+from .priority import lower_thread_priority
 from .timing import FPS, SAMPLE_RATE
 
 log = logging.getLogger(__name__)
@@ -204,6 +205,7 @@ class RtmpPusher:
             self.stats.state = state
 
     def _run(self) -> None:
+        lower_thread_priority()  # x264's threads inherit it: the render comes first (priority.py)
         backoff = BACKOFF_MIN_S
         while True:
             self._set_state("connecting", self.url)

@@ -1,4 +1,5 @@
-"""One VP8 encode of a session's video for all of its WHEP viewers.
+"""One VP8 encode of a session's video (and one Opus encode of its audio) for all of its WHEP
+viewers and its Janus publisher.
 
 aiortc encodes per RTCRtpSender, so N viewers of one session cost N VP8 encodes of the same
 frame: measured on the 2-core machine (README, broadcasting), 20 WHEP viewers of a 512x512
@@ -19,13 +20,19 @@ What per-viewer encoding gave for free, and how it is kept:
   REMB lower the picture of all). WHEP viewers are a LAN/loopback or small-audience path; large
   audiences go through an SFU (janus.py), which forwards one publisher's stream the same way.
 
-Only VP8 is shared (what browsers and aiortc pick first); a viewer that offers no VP8 gets its
-own encoder, as before (whep.py decides).
+Only VP8 and Opus are shared (what browsers and aiortc pick first); a viewer that offers neither
+gets its own encoder, as before (whep.py decides). Audio: aiortc encodes Opus per sender in its
+thread pool, one job per 20 ms per peer (~1,000 jobs a second at 20 viewers);
+SharedAudioEncoder encodes it once, on the event loop (~0.1 ms per packet).
+
+The VP8 thread runs below the render's priority (priority.py): when the cores are short, the
+mouth frames come first and the outputs lose smoothness, not the other way round.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fractions
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +40,8 @@ from concurrent.futures import ThreadPoolExecutor
 import av
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
+
+from .priority import lower_thread_priority
 
 log = logging.getLogger(__name__)
 
@@ -66,20 +75,20 @@ def vp8_codec(width: int, height: int, time_base, bitrate: int) -> av.CodecConte
     return codec
 
 
-class EncodedVideoTrack(MediaStreamTrack):
-    """One viewer's view of a SharedVideoEncoder: recv() gives `av.Packet`s (VP8), which an
-    aiortc RTCRtpSender packetizes without encoding. Raises MediaStreamError when the session's
-    video ends or the track is stopped."""
+class EncodedTrack(MediaStreamTrack):
+    """One consumer's view of a SharedEncoder: recv() gives `av.Packet`s (VP8 or Opus), which
+    an aiortc RTCRtpSender packetizes without encoding. Raises MediaStreamError when the
+    session's media ends or the track is stopped."""
 
-    kind = "video"
-
-    def __init__(self, encoder: SharedVideoEncoder):
+    def __init__(self, encoder: SharedEncoder):
         super().__init__()
+        self.kind = encoder.kind
         self._encoder = encoder
-        self._queue: asyncio.Queue[av.Packet | None] = asyncio.Queue(VIEWER_QUEUE_PACKETS)
-        self._waiting_for_keyframe = True  # a decoder can only start at a keyframe
+        self._queue: asyncio.Queue[av.Packet | None] = asyncio.Queue(encoder.queue_packets)
+        # a video decoder can only start at a keyframe; every Opus packet decodes alone
+        self._waiting_for_keyframe = encoder.kind == "video"
         self._ended = False
-        self.dropped = 0  # packets this viewer lost by lagging behind (plus those skipped to resync)
+        self.dropped = 0  # packets this consumer lost by lagging behind (plus those skipped to resync)
 
     def request_keyframe(self) -> None:
         """Ask the shared encoder for a keyframe (an RTCP PLI/FIR from this viewer)."""
@@ -93,11 +102,13 @@ class EncodedVideoTrack(MediaStreamTrack):
                 return
             self._waiting_for_keyframe = False
         if self._queue.full():
-            # Behind: what is queued still decodes, what follows a gap would not.
             self.dropped += 1
-            self._waiting_for_keyframe = True
-            self._encoder.request_keyframe()
-            return
+            if self.kind == "video":
+                # Behind: what is queued still decodes, what follows a gap would not.
+                self._waiting_for_keyframe = True
+                self._encoder.request_keyframe()
+                return
+            self._queue.get_nowait()  # audio: the oldest packet goes, the newest plays
         self._queue.put_nowait(packet)
 
     def end(self) -> None:
@@ -121,24 +132,25 @@ class EncodedVideoTrack(MediaStreamTrack):
         self._encoder.unsubscribe(self)
 
 
-class SharedVideoEncoder:
-    """Encodes a video track (yuv420p frames, e.g. a relay proxy) to VP8 once, for any number of
-    EncodedVideoTracks. Owns the source: stops it (and its task, and its encoder thread) when
-    the last viewer leaves or the source ends; `closed` is then True and a new viewer needs a
-    new SharedVideoEncoder (fanout.SessionOutputs.encoded_video does that)."""
+EncodedVideoTrack = EncodedTrack  # the name the WHEP code and tests know
 
-    def __init__(self, source: MediaStreamTrack, *, bitrate: int = DEFAULT_BITRATE,
-                 min_keyframe_interval_s: float = MIN_KEYFRAME_INTERVAL_S):
-        if bitrate <= 0:
-            raise ValueError(f"bitrate must be positive, got {bitrate}")
+
+class SharedEncoder:
+    """Encodes a track once for any number of EncodedTracks. Owns the source: stops it (and its
+    task, and its encoder thread) when the last consumer leaves or the source ends; `closed` is
+    then True and a new consumer needs a new encoder (fanout.SessionOutputs does that).
+    Subclasses give `kind`, `queue_packets` and `_encode(frame, keyframe) -> packets`."""
+
+    kind = "video"
+    queue_packets = VIEWER_QUEUE_PACKETS
+
+    def __init__(self, source: MediaStreamTrack, *, min_keyframe_interval_s: float = MIN_KEYFRAME_INTERVAL_S):
         self._source = source
-        self.bitrate = bitrate
         self.min_keyframe_interval_s = min_keyframe_interval_s
-        self._viewers: list[EncodedVideoTrack] = []
-        self._codec: av.CodecContext | None = None
+        self._viewers: list[EncodedTrack] = []
         self._keyframe_requested = True
         self._last_keyframe_s: float | None = None
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="shared-vp8")
+        self._executor: ThreadPoolExecutor | None = None  # None: encode on the event loop (cheap codecs)
         self._task: asyncio.Task | None = None
         self.closed = False
         self.frames_encoded = 0
@@ -148,18 +160,18 @@ class SharedVideoEncoder:
     def viewers(self) -> int:
         return len(self._viewers)
 
-    def subscribe(self) -> EncodedVideoTrack:
-        """A new viewer track (starts at the next keyframe, which it requests)."""
+    def subscribe(self) -> EncodedTrack:
+        """A new consumer track (video: starts at the next keyframe, which it requests)."""
         if self.closed:
             raise RuntimeError("this shared encoder is closed: make a new one for new viewers")
-        track = EncodedVideoTrack(self)
+        track = EncodedTrack(self)
         self._viewers.append(track)
         self.request_keyframe()
         if self._task is None:
             self._task = asyncio.ensure_future(self._run())
         return track
 
-    def unsubscribe(self, track: EncodedVideoTrack) -> None:
+    def unsubscribe(self, track: EncodedTrack) -> None:
         if track in self._viewers:
             self._viewers.remove(track)
         if not self._viewers:
@@ -179,7 +191,65 @@ class SharedVideoEncoder:
         for track in self._viewers:
             track.end()
         self._viewers.clear()
-        self._executor.shutdown(wait=False)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+
+    def _prepare(self, frame):
+        """The frame as the codec takes it (on the event loop)."""
+        return frame
+
+    def _encode(self, frame, keyframe: bool) -> list[av.Packet]:
+        raise NotImplementedError
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                frame = self._prepare(await self._source.recv())
+                keyframe = keyframe_due(self._keyframe_requested, self._last_keyframe_s, time.monotonic(),
+                                        self.min_keyframe_interval_s)
+                if keyframe:
+                    self._keyframe_requested = False
+                if self._executor is None:
+                    packets = self._encode(frame, keyframe)
+                else:
+                    packets = await loop.run_in_executor(self._executor, self._encode, frame, keyframe)
+                self.frames_encoded += 1
+                for packet in packets:
+                    if packet.is_keyframe and self.kind == "video":
+                        self.keyframes += 1
+                        self._last_keyframe_s = time.monotonic()
+                    for track in list(self._viewers):
+                        track.offer(packet)
+        except MediaStreamError:
+            pass  # the session's media ended
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("shared %s encoder failed: its consumers are ended", self.kind)
+        finally:
+            if not self.closed:
+                self._task = None  # ended by itself, not cancelled
+                self.close()
+
+
+class SharedVideoEncoder(SharedEncoder):
+    """VP8 of a video track (yuv420p frames, e.g. a relay proxy), on its own thread at output
+    priority (priority.py: the render and the Whisper encoder come first)."""
+
+    kind = "video"
+
+    def __init__(self, source: MediaStreamTrack, *, bitrate: int = DEFAULT_BITRATE,
+                 min_keyframe_interval_s: float = MIN_KEYFRAME_INTERVAL_S):
+        if bitrate <= 0:
+            raise ValueError(f"bitrate must be positive, got {bitrate}")
+        super().__init__(source, min_keyframe_interval_s=min_keyframe_interval_s)
+        self.bitrate = bitrate
+        self._codec: av.CodecContext | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="shared-vp8", initializer=lower_thread_priority)
+
+    def _prepare(self, frame: av.VideoFrame) -> av.VideoFrame:
+        return frame if frame.format.name == "yuv420p" else frame.reformat(format="yuv420p")
 
     def _encode(self, frame: av.VideoFrame, keyframe: bool) -> list[av.Packet]:
         # On the encoder thread. The frame is shared with the session's other consumers (own
@@ -196,32 +266,44 @@ class SharedVideoEncoder:
             packet.pts, packet.time_base = frame.pts, frame.time_base
         return packets
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while True:
-                frame = await self._source.recv()
-                if frame.format.name != "yuv420p":
-                    frame = frame.reformat(format="yuv420p")
-                keyframe = keyframe_due(self._keyframe_requested, self._last_keyframe_s, time.monotonic(),
-                                        self.min_keyframe_interval_s)
-                if keyframe:
-                    self._keyframe_requested = False
-                packets = await loop.run_in_executor(self._executor, self._encode, frame, keyframe)
-                self.frames_encoded += 1
-                for packet in packets:
-                    if packet.is_keyframe:
-                        self.keyframes += 1
-                        self._last_keyframe_s = time.monotonic()
-                    for track in list(self._viewers):
-                        track.offer(packet)
-        except MediaStreamError:
-            pass  # the session's video ended
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("shared VP8 encoder failed: its viewers are ended")
-        finally:
-            if not self.closed:
-                self._task = None  # ended by itself, not cancelled
-                self.close()
+
+OPUS_RATE = 48_000  # RTP clock and sample rate of Opus in WebRTC (RFC 7587)
+OPUS_FRAME = 960  # 20 ms at 48 kHz: the packetisation aiortc and browsers use
+OPUS_QUEUE_PACKETS = 25  # 500 ms of audio a consumer may lag before its oldest packets go
+
+
+class SharedAudioEncoder(SharedEncoder):
+    """Opus of an audio track, encoded once for every consumer (WHEP viewers, the Janus
+    publisher), as aiortc's OpusEncoder does per peer (48 kHz stereo, 20 ms packets, 96 kbit/s,
+    `voip`): 20 peers cost one encode instead of 20 thread-pool jobs per 20 ms (measured in
+    bench_broadcast: ~1,000 encoder jobs a second at 20 viewers kept the session's own work
+    waiting). A 20 ms Opus encode takes ~0.1 ms, so it runs on the event loop."""
+
+    kind = "audio"
+    queue_packets = OPUS_QUEUE_PACKETS
+
+    def __init__(self, source: MediaStreamTrack):
+        super().__init__(source)
+        self._resampler = av.AudioResampler(format="s16", layout="stereo", rate=OPUS_RATE, frame_size=OPUS_FRAME)
+        self._codec = av.CodecContext.create("libopus", "w")
+        self._codec.bit_rate = 96_000
+        self._codec.format, self._codec.layout, self._codec.sample_rate = "s16", "stereo", OPUS_RATE
+        self._codec.time_base = fractions.Fraction(1, OPUS_RATE)
+        self._codec.options = {"application": "voip"}
+        self._samples = 0  # 48 kHz samples encoded: the next packet's pts
+
+    def _prepare(self, frame: av.AudioFrame) -> av.AudioFrame:
+        # The relay hands one frame object to every consumer: the resampler gets a copy of its
+        # samples (it would rewrite the shared frame's pts).
+        copy = av.AudioFrame.from_ndarray(frame.to_ndarray(), format=frame.format.name, layout=frame.layout.name)
+        copy.sample_rate = frame.sample_rate
+        return copy
+
+    def _encode(self, frame: av.AudioFrame, keyframe: bool) -> list[av.Packet]:
+        packets = []
+        for chunk in self._resampler.resample(frame):
+            packets += self._codec.encode(chunk)
+        for packet in packets:  # what OpusEncoder.pack() reads: pts in 1/48000
+            packet.pts, packet.time_base = self._samples, fractions.Fraction(1, OPUS_RATE)
+            self._samples += OPUS_FRAME
+        return packets

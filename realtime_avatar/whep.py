@@ -3,8 +3,8 @@
 WHEP is the egress twin of WHIP: the viewer POSTs an SDP offer (application/sdp, receive-only)
 to /whep/<session-or-channel>, gets 201 + Location + the answer, and DELETEs the Location to
 leave. Each viewer's peer connection sends relay proxies of the session's tracks (see fanout.py):
-the avatar is rendered once, and its video is encoded once for all viewers that take VP8
-(shared_encode.py; a viewer without VP8 gets its own encoder). Opus is encoded per viewer (cheap).
+the avatar is rendered once, and its video and audio are encoded once for all viewers that take
+VP8 and Opus (shared_encode.py; a viewer without them gets its own encoder).
 For audiences beyond a few dozen viewers per machine, publish into an SFU instead (janus.py).
 
 A viewer is cut off alone when its connection fails or closes, when it is not connected within
@@ -19,9 +19,9 @@ import uuid
 from typing import Callable
 
 from aiohttp import web
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
-from .fanout import SessionOutputs
+from .fanout import SHARED_CODECS, SessionOutputs, add_shared_track
 from .server import OfferError, PtimeAudioTrack, error_response, ice_gathering_on, parse_offer_sdp
 
 log = logging.getLogger(__name__)
@@ -31,18 +31,17 @@ CONNECT_TIMEOUT_S = 10.0
 RECEIVE_DIRECTIONS = ("recvonly", "sendrecv")
 
 
-def check_viewer_offer(sdp: str) -> bool:
+def check_viewer_offer(sdp: str) -> dict[str, bool]:
     """A WHEP offer must want to receive audio or video; raise OfferError(400) if not.
-    Returns whether its video can take VP8 (then the viewer gets the shared encode)."""
+    Returns, per kind, whether the offer takes the shared codec (video VP8, audio Opus): then
+    the viewer gets the session's shared encode of that kind."""
     description = parse_offer_sdp(sdp)
     if not any(m.kind in ("audio", "video") and m.direction in RECEIVE_DIRECTIONS for m in description.media):
         raise OfferError(400, "a WHEP offer must receive media: add recvonly audio/video transceivers "
                               "(pc.addTransceiver('video', {direction: 'recvonly'})) before createOffer()")
-    return any(c.mimeType.lower() == "video/vp8" for m in description.media if m.kind == "video" for c in m.rtp.codecs)
-
-
-def _vp8_only() -> list:
-    return [c for c in RTCRtpSender.getCapabilities("video").codecs if c.mimeType.lower() in ("video/vp8", "video/rtx")]
+    return {kind: any(c.mimeType.lower() == codecs[0] for m in description.media if m.kind == kind
+                      for c in m.rtp.codecs)
+            for kind, codecs in SHARED_CODECS.items()}
 
 
 class WhepViewer:
@@ -77,7 +76,7 @@ class WhepEndpoint:
         return sum(1 for v in self.viewers.values() if channel is None or v.channel == channel)
 
     async def answer(self, channel: str, offer_sdp: str) -> tuple[WhepViewer, str]:
-        takes_vp8 = check_viewer_offer(offer_sdp)
+        takes = check_viewer_offer(offer_sdp)
         outputs = self.resolve(channel)
         if outputs is None:
             raise OfferError(404, f"no session or channel {channel!r} to watch (ended or never existed)")
@@ -89,20 +88,14 @@ class WhepEndpoint:
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
             kinds = {t.kind for t in pc.getTransceivers()}
-            if "video" in kinds and self.shared_encode and takes_vp8:
-                for transceiver in pc.getTransceivers():
-                    if transceiver.kind == "video":
-                        transceiver.setCodecPreferences(_vp8_only())  # the shared packets are VP8
-                track = outputs.encoded_video()
-                viewer.proxies.append(track)
-                sender = pc.addTrack(track)
-                # aiortc's sender would force a keyframe of its own encoder on PLI/FIR; it has
-                # none here, so the viewer's request goes to the shared one.
-                sender._send_keyframe = track.request_keyframe
+            if "video" in kinds and self.shared_encode and takes.get("video"):
+                viewer.proxies.append(add_shared_track(pc, outputs, "video"))
             elif "video" in kinds:
                 viewer.proxies.append(outputs.video())
                 pc.addTrack(viewer.proxies[-1])
-            if "audio" in kinds:
+            if "audio" in kinds and self.shared_encode and takes.get("audio"):
+                viewer.proxies.append(add_shared_track(pc, outputs, "audio"))
+            elif "audio" in kinds:
                 viewer.proxies.append(outputs.audio())
                 pc.addTrack(PtimeAudioTrack(viewer.proxies[-1]))
             with ice_gathering_on(self.ice_addresses):  # viewers' media only where HTTP is bound

@@ -179,9 +179,9 @@ def test_whep_viewers_share_one_encode_and_an_h264_viewer_gets_its_own():
             shared = outputs.shared_encoder
             session = app[BROADCASTER_KEY].sessions["show"].session
             encoded0, keyframes0, sent0 = shared.frames_encoded, shared.keyframes, session.stats()["frames_sent"]
-            m0 = time.monotonic()
+            m0, a0 = time.monotonic(), viewers[0].audio_frames
             await asyncio.sleep(2.0)
-            m1 = time.monotonic()
+            m1, a1 = time.monotonic(), viewers[0].audio_frames
             encoded, sent = shared.frames_encoded - encoded0, session.stats()["frames_sent"] - sent0
             # what each server-side peer negotiated: VP8 for the crowd, H.264 for the other
             negotiated = sorted(t._codecs[0].mimeType for v in app[BROADCASTER_KEY].whep.viewers.values()
@@ -196,13 +196,17 @@ def test_whep_viewers_share_one_encode_and_an_h264_viewer_gets_its_own():
             keyframe_on_pli = shared.keyframes - k_before
             fps = [v.fps(m0, m1) for v in viewers]
             h264_fps = h264.fps(m0, m1)
+            opus = outputs.shared_audio_encoder  # the audio viewer's Opus comes from the shared encode
+            audio = (opus is not None and opus.frames_encoded > 0, (a1 - a0) / (m1 - m0))
             for v in viewers + [h264]:
                 await v.leave(http, url)
             await asyncio.sleep(0.3)
             session_fps = sent / (m1 - m0)
-            return fps, h264_fps, encoded, sent, session_fps, keyframes0, keyframe_on_pli, shared.closed, negotiated
+            return fps, h264_fps, encoded, sent, session_fps, keyframes0, keyframe_on_pli, shared.closed, negotiated, audio
 
-    fps, h264_fps, encoded, sent, session_fps, keyframes, keyframe_on_pli, closed, negotiated = asyncio.run(scenario())
+    fps, h264_fps, encoded, sent, session_fps, keyframes, keyframe_on_pli, closed, negotiated, audio = asyncio.run(scenario())
+    shared_audio, audio_rate = audio
+    assert shared_audio and audio_rate >= 35, audio  # 20 ms Opus packets: ~50 a second
     assert negotiated == ["video/H264", "video/VP8", "video/VP8", "video/VP8"]
     # one encode per session frame for three VP8 viewers (not three)
     assert abs(encoded - sent) <= 5, (encoded, sent)  # counters read mid-flight: a queue apart
@@ -243,3 +247,82 @@ def test_per_viewer_encoding_is_still_there_when_asked_for():
 
     fps, shared = asyncio.run(scenario())
     assert fps >= 20.0 and shared is None  # aiortc's own encoder; no shared one made
+
+
+class ToneTrack(MediaStreamTrack):
+    """`count` 40 ms frames (s16 mono, 48 kHz) of a 440 Hz tone, as fast as they are read."""
+
+    kind = "audio"
+
+    def __init__(self, count: int):
+        super().__init__()
+        self.count, self.sent = count, 0
+
+    async def recv(self) -> av.AudioFrame:
+        if self.sent >= self.count or self.readyState != "live":
+            raise MediaStreamError
+        t = (np.arange(1920) + 1920 * self.sent) / 48_000
+        pcm = (0.3 * 32767 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
+        frame = av.AudioFrame.from_ndarray(pcm[None, :], format="s16", layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = 48_000, 1920 * self.sent, fractions.Fraction(1, 48_000)
+        self.sent += 1
+        await asyncio.sleep(0.001)
+        return frame
+
+
+def test_audio_is_encoded_once_to_opus_for_all_consumers_and_decodes_to_the_tone():
+    from realtime_avatar.shared_encode import OPUS_FRAME, SharedAudioEncoder
+
+    async def scenario():
+        source = ToneTrack(50)  # 2 s
+        shared = SharedAudioEncoder(source)
+        tracks = [shared.subscribe() for _ in range(3)]
+        packets = await asyncio.gather(*(read_packets(t) for t in tracks))
+        return source, shared, packets
+
+    source, shared, packets = asyncio.run(scenario())
+    assert shared.frames_encoded == source.sent == 50 and shared.closed
+    for got in packets:
+        # 20 ms packets (what aiortc's OpusEncoder.pack turns into RTP), pts in 1/48000
+        assert len(got) >= 98 and [p.pts for p in got] == [OPUS_FRAME * i for i in range(len(got))]
+        decoder = av.CodecContext.create("libopus", "r")
+        pcm = np.concatenate([f.to_ndarray().reshape(-1, 2)[:, 0] for p in got
+                              for f in decoder.decode(av.Packet(bytes(p)))]).astype(np.float64)
+        assert abs(len(pcm) / 48_000 - 2.0) < 0.05
+        spectrum = np.abs(np.fft.rfft(pcm[4800:]))
+        assert abs(np.argmax(spectrum) * 48_000 / len(pcm[4800:]) - 440) < 5  # the tone, not noise
+
+
+def test_output_encoder_threads_run_below_the_render_priority():
+    import sys
+    import threading
+
+    from realtime_avatar.priority import OUTPUT_NICE, lower_thread_priority, thread_nice
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("per-thread priorities are a Linux feature")
+    seen = {}
+
+    def output_thread():
+        seen["lowered"] = lower_thread_priority()
+        seen["self"] = thread_nice()
+        child = threading.Thread(target=lambda: seen.setdefault("child", thread_nice()))  # x264's, say
+        child.start()
+        child.join()
+
+    before = thread_nice()
+    thread = threading.Thread(target=output_thread)
+    thread.start()
+    thread.join()
+    assert seen == {"lowered": True, "self": max(OUTPUT_NICE, before), "child": max(OUTPUT_NICE, before)}
+    assert thread_nice() == before  # the calling (render) thread keeps its priority
+
+    async def encoder_thread_nice():
+        shared = SharedVideoEncoder(CardTrack(1000))
+        track = shared.subscribe()
+        await read_packets(track, 3)
+        nice = shared._executor.submit(thread_nice).result()  # the thread that encoded them
+        track.stop()
+        return nice
+
+    assert asyncio.run(encoder_thread_nice()) == max(OUTPUT_NICE, before)

@@ -73,6 +73,39 @@ class Viewer:
             task.cancel()
 
 
+class JanusViewer(Viewer):
+    """A subscriber of the first publisher of a Janus VideoRoom (the SFU path of the audience):
+    same counting as Viewer; `join(http, janus_url, room)`."""
+
+    async def join(self, http: aiohttp.ClientSession, url: str, room: int = 0) -> None:
+        from realtime_avatar.janus import VIDEOROOM, JanusSession
+
+        self.janus = janus = JanusSession(http, url)
+        await janus.create()
+        handle = await janus.attach(VIDEOROOM)
+        for _ in range(100):
+            listing = await janus.request(handle, {"request": "listparticipants", "room": room})
+            publishers = [p for p in listing.get("participants", []) if p.get("publisher")]
+            if publishers:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise RuntimeError(f"nobody publishes in Janus room {room}")
+        streams = [{"feed": publishers[0]["id"]}]
+        _, offer = await janus.message(handle, {"request": "join", "ptype": "subscriber", "room": room,
+                                                "streams": streams})
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer["sdp"], type=offer["type"]))
+        await self.pc.setLocalDescription(await self.pc.createAnswer())
+        await janus.message(handle, {"request": "start", "room": room},
+                            jsep={"type": "answer", "sdp": self.pc.localDescription.sdp})
+
+    async def leave(self, http: aiohttp.ClientSession, base: str = "") -> None:
+        await self.pc.close()
+        await self.janus.destroy()
+        for task in self._tasks:
+            task.cancel()
+
+
 class CountingDecoder:
     """Stands in for aiortc's video decoder: a 2x2 frame per complete encoded frame."""
 
@@ -93,8 +126,12 @@ def count_only_video() -> None:
 
 async def crowd(args) -> dict:
     async with aiohttp.ClientSession() as http:
-        viewers = [Viewer(audio=i < args.audio) for i in range(args.viewers)]
-        await asyncio.gather(*(v.join(http, f"{args.base}/whep/{args.channel}") for v in viewers))
+        if args.via == "janus":  # base: the Janus HTTP API URL, channel: the room
+            viewers = [JanusViewer(audio=i < args.audio) for i in range(args.viewers)]
+            await asyncio.gather(*(v.join(http, args.base, int(args.channel)) for v in viewers))
+        else:
+            viewers = [Viewer(audio=i < args.audio) for i in range(args.viewers)]
+            await asyncio.gather(*(v.join(http, f"{args.base}/whep/{args.channel}") for v in viewers))
         print(json.dumps({"joined": len(viewers)}), flush=True)
         await asyncio.sleep(args.warmup)
         t0 = time.monotonic()
@@ -114,6 +151,9 @@ if __name__ == "__main__":
     parser.add_argument("--audio", type=int, default=2)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--measure", type=float, default=4.0)
+    parser.add_argument("--via", choices=("whep", "janus"), default="whep",
+                        help="watch over WHEP (base: the server, channel: the session) or as subscribers of a "
+                             "Janus room (base: the Janus HTTP API URL, channel: the room number)")
     parser.add_argument("--count-only", action="store_true", help="count video frames, do not decode them")
     arguments = parser.parse_args()
     if arguments.count_only:
