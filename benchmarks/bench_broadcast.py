@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -49,6 +50,7 @@ from tests.test_janus import Received, subscribe  # noqa: E402
 from tests.whep_viewers import JanusViewer, Viewer  # noqa: E402
 
 ROOM = 1234
+PAUSE_S = 1.5  # between the agent's utterances
 TTS_TEXT = ("Hello everyone, and welcome to the show. I am a talking avatar, and this voice comes from a "
             "text to speech engine that streams its audio to me over a web socket.")
 
@@ -130,15 +132,20 @@ def rtmp_recording(nginx: NginxRtmp) -> dict:
 
 
 async def scenario(args, tmp: Path) -> dict:
+    if args.clients_nice:
+        # Everything but serve (nginx, Janus, the viewers here and in the crowd process) inherits
+        # this; serve is put back to 0 when it starts (lowering a nice value needs root).
+        os.nice(args.clients_nice)
     nginx = NginxRtmp(tmp / "nginx").start()
     janus = JanusGateway(tmp / "janus").start()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "realtime_avatar.cli", "serve", "--port", str(port),
                "--broadcast", "broadcast", "--rtmp", nginx.url("avatar"), "--janus", janus.url,
-               "--room", str(ROOM), "--threads", str(args.threads), "--max-viewers", str(args.viewers + 5),
-               "--whep-encode", args.whep_encode]
-    proc = subprocess.Popen(command, cwd=common.REPO, stdout=subprocess.DEVNULL, stderr=open(tmp / "serve.log", "w"))
+               "--room", str(ROOM), "--max-viewers", str(args.viewers + 5),
+               "--whep-encode", args.whep_encode] + (["--threads", str(args.serve_threads)] if args.serve_threads else [])
+    server_nice = (lambda: os.setpriority(os.PRIO_PROCESS, 0, 0)) if args.clients_nice else None
+    proc = subprocess.Popen(command, cwd=common.REPO, preexec_fn=server_nice, stdout=subprocess.DEVNULL, stderr=open(tmp / "serve.log", "w"))
     result: dict = {"command": "realtime-avatar " + " ".join(command[3:])}
     try:
         await wait_health(url, proc)
@@ -162,14 +169,29 @@ async def scenario(args, tmp: Path) -> dict:
                 target = (janus.url, str(ROOM)) if args.via == "janus" else (url, "broadcast")
                 crowd = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "tests.whep_viewers", *target, "--via", args.via, "--viewers", str(crowd_n),
-                    "--audio", "0", "--warmup", "3", "--measure", f"{tts_s + 1:.2f}", "--count-only",
+                    "--audio", "0", "--warmup", "3", "--measure", f"{args.utterances * (tts_s + PAUSE_S) + 1:.2f}",
+                    "--count-only",
                     cwd=common.REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
                 await asyncio.wait_for(crowd.stdout.readline(), 120)  # joined
             received = Received()
             janus_session, janus_pc = await subscribe(http, janus.url, ROOM, received)
             await asyncio.sleep(3.0)
             t0 = time.monotonic()
-            agent_result = await agent(url, wav)
+            utterances, before = [], {"late_frames": 0, "frames_played": 0}
+            for k in range(args.utterances):
+                if k:
+                    await asyncio.sleep(PAUSE_S)  # the agent listens; the session re-sizes its delay
+                said = await agent(url, wav)
+                if not k:
+                    agent_result = said  # the figures of the first utterance, as before
+                async with http.get(f"{url}/sessions/broadcast/stats") as r:
+                    now = (await r.json())["session"]
+                late, played = now["late_frames"] - before["late_frames"], now["frames_played"] - before["frames_played"]
+                utterances.append({"late_frames": late, "frames_played": played, "late_share": round(late / max(1, played), 3),
+                                   "started_with_delay_ms": (now.get("spurt_delays_ms") or [None])[-1],
+                                   "playback_finished_position_s": said["playback_finished_position_s"]})
+                before = now
+            agent_result["utterances"] = utterances
             await asyncio.sleep(1.0)
             t1 = time.monotonic()
             async with http.get(f"{url}/sessions/broadcast/stats") as r:
@@ -189,7 +211,7 @@ async def scenario(args, tmp: Path) -> dict:
                                  "per_viewer_fps": [round(f, 2) for f in all_fps]},
                 "janus_subscriber": {"fps": round(received.fps(t0), 2), "audio_frames": received.audio_frames,
                                      "audio_peak": round(received.audio_peak, 3)},
-                "session": stats["session"],
+                "session": stats["session"], "clients_nice": args.clients_nice,
                 # share of the frames the clock played from speech that were not rendered in
                 # time (shown as idle frames): the mouth the audience sees
                 "session_late_share": stats["session"]["late_frames"] / max(1, stats["session"]["frames_played"]),
@@ -224,7 +246,9 @@ def markdown(result: dict) -> str:
         {"output": "session itself", "fps (min / median)": result["session"]["fps"],
          "audio": f"speech frames late {result['session']['late_frames']} of {result['session']['frames_played']} "
                   f"({result['session_late_share']:.0%})"},
-    ]
+    ] + [{"output": f"  utterance {k + 1}", "fps (min / median)": "",
+          "audio": f"late {u['late_frames']} of {u['frames_played']} ({u['late_share']:.0%}), delay "
+                   f"{u['started_with_delay_ms']} ms"} for k, u in enumerate(result["agent"].get("utterances", []))]
     agent = result["agent"]
     return (common.markdown_table(rows) + f"\nTTS {agent['tts_seconds']} s; first push -> playback_started "
             f"{agent['push_to_playback_started_s']} s; playback_finished at {agent['playback_finished_position_s']} s\n")
@@ -238,12 +262,23 @@ def main() -> int:
                         help="viewers that decode video in this process (default 2); the others count "
                              "received frames without decoding, in a child process: on one 2-core machine "
                              "20 VP8 decoders measure the viewers' CPU, not the server")
+    parser.add_argument("--serve-threads", type=int, default=None,
+                        help="serve's --threads (default: serve's own choice: cores - 1 with RTMP/Janus outputs)")
+    parser.add_argument("--utterances", type=int, default=2,
+                        help="times the agent says its sentence, 1.5 s apart (default 2): the first comes "
+                             "right after the audience joined, the next ones with the delay re-sized to the load")
+    parser.add_argument("--clients-nice", type=int, default=0,
+                        help="run the clients (viewers, Janus subscriber, Janus, nginx) at this nice value "
+                             "and serve at 0, so the server gets the cores first: a stand-in for viewers "
+                             "and servers on their own machines (needs root; default 0: all equal)")
     parser.add_argument("--via", choices=("whep", "janus"), default="whep",
                         help="how the viewers watch: WHEP from the server (default) or as subscribers of the "
                              "Janus room the server publishes into (the SFU path: the server sends one stream)")
     parser.add_argument("--whep-encode", choices=("shared", "per-viewer"), default="shared",
                         help="serve's --whep-encode (default shared: one VP8 encode for all viewers)")
     args = parser.parse_args()
+    if args.clients_nice and os.geteuid() != 0:
+        parser.error("--clients-nice needs root: serve is started at nice 0 below its clients")
     with tempfile.TemporaryDirectory() as tmp:
         result = {**common.header("broadcast", args, None), **asyncio.run(scenario(args, Path(tmp)))}
     if args.plots is not None:

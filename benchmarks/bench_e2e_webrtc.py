@@ -236,12 +236,22 @@ def _first_after(times: list[float], t: float, until: float) -> float | None:
     return next((x for x in times if t <= x < until), None)
 
 
+def bgr(renderer, image: np.ndarray) -> np.ndarray:
+    """A frame of the engine as BGR (the bench runs the engine in yuv420p, as serve does)."""
+    if renderer.frame_format == "yuv420p":
+        import cv2
+
+        return cv2.cvtColor(image, cv2.COLOR_YUV2BGR_I420)
+    return image
+
+
 def analyse(raw: dict, signal: common.OnsetSignal, runtime, min_latency_s: float = 0.0) -> dict:
     """Per-onset latencies and their breakdown from the logs of both sides."""
     session, client, mic = raw["session"], raw["client"], raw["mic"]
     ticks = session.tick_log
     cycle = runtime.renderer.cycle_length
-    idle_sigs = [common.mouth_signature(runtime.renderer.idle_frame(p), raw["box"]) for p in range(cycle)]
+    idle_sigs = [common.mouth_signature(bgr(runtime.renderer, runtime.renderer.idle_frame(p)), raw["box"])
+                 for p in range(cycle)]
     frames = client.frames  # (arrival, pts, signature)
     if not frames or not ticks:
         raise RuntimeError("no video frames were received: the loopback did not stream")
@@ -394,7 +404,7 @@ def offline_reference(runtime, signal: common.OnsetSignal, config: SessionConfig
     speech = [i for i in range(n_frames) if not silent(i)]
     for k in range(0, len(speech), renderer.batch_size):
         batch = speech[k : k + renderer.batch_size]
-        images = renderer.render([i % cycle for i in batch], windows[batch])
+        images = [bgr(renderer, im) for im in renderer.render([i % cycle for i in batch], windows[batch])]
         moving[batch] = measure_openings([image[y1:y2, x1:x2] for image in images]) > CLOSED_GAP
     onsets = [i for i in range(n_frames) if moving[i] and not moving[max(0, i - QUIET_FRAMES):i].any()]
     out = []
@@ -499,7 +509,8 @@ def plot(result: dict, plots: Path | None) -> list[str]:
 
 
 def run(args: argparse.Namespace, bench: common.BenchRuntime | None = None) -> dict:
-    bench = bench or common.load_bench_runtime(args.quick, threads=args.threads, backend=args.backend)
+    bench = bench or common.load_bench_runtime(args.quick, threads=args.threads, backend=args.backend,
+                                              frame_format="auto")  # as serve
     words = args.words or (3 if args.quick else 16)
     signal = common.onset_signal(common.onset_words(words), GAP_S, lead_s=LEAD_S, tail_s=0.5)
     from realtime_avatar import rtc_receive

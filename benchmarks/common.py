@@ -212,7 +212,8 @@ class BenchRuntime:
         }
 
 
-def load_bench_runtime(quick: bool, batch_size: int = 8, threads: int = 2, backend: str | None = None) -> BenchRuntime:
+def load_bench_runtime(quick: bool, batch_size: int = 8, threads: int = 2, backend: str | None = None,
+                       frame_format: str = "bgr24") -> BenchRuntime:
     """The runtime `realtime-avatar serve` uses: the default model (trained weights when they are
     installed, else random ones: the same compute) on load_runtime's default render backend
     (or `backend`), and the bundled astronaut avatar. --quick uses a 10-frame idle cycle of the
@@ -246,7 +247,7 @@ def load_bench_runtime(quick: bool, batch_size: int = 8, threads: int = 2, backe
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         extra = {} if backend is None else {"backend": backend}
-        runtime = load_runtime("default", avatar, allow_random=True, batch_size=batch_size, threads=threads,
+        runtime = load_runtime("default", avatar, allow_random=True, batch_size=batch_size, threads=threads, frame_format=frame_format,
                                progress=False, **extra)
     weights = "trained" if DEFAULT_COMPACT_WEIGHTS.is_file() else "random"
     return BenchRuntime(runtime, weights, time.perf_counter() - t0)
@@ -418,9 +419,12 @@ SIGNATURE_SIZE = (48, 32)  # (w, h) of the gray mouth-region thumbnail compared 
 
 def mouth_signature(image_bgr: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     """The mouth region as a small gray float32 thumbnail: cheap to keep for every frame and
-    insensitive to codec noise in single pixels."""
+    insensitive to codec noise in single pixels. A 2-D image is a yuv420p frame (serve's engine
+    format), converted to BGR first."""
     import cv2
 
+    if image_bgr.ndim == 2:
+        image_bgr = cv2.cvtColor(image_bgr, cv2.COLOR_YUV2BGR_I420)
     x1, y1, x2, y2 = box
     gray = cv2.cvtColor(np.ascontiguousarray(image_bgr[y1:y2, x1:x2]), cv2.COLOR_BGR2GRAY)
     return cv2.resize(gray, SIGNATURE_SIZE, interpolation=cv2.INTER_AREA).astype(np.float32)

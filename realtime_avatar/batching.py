@@ -6,9 +6,12 @@
     await batcher.close()
 
 The owner task wakes on the first pending request, waits for the next tick boundary (so that
-everything due in the same tick lands in one batch), takes every pending request (up to
+everything due in the same tick lands in one batch) or until every submitter active in the last
+`active_s` has a request pending, whichever comes first, takes every pending request (up to
 `max_batch`) and runs `process(requests) -> results` in a worker thread: one call, one batch,
-the event loop stays free. While a batch runs, new requests queue for the next one.
+the event loop stays free. While a batch runs, new requests queue for the next one. So a lone
+session never waits for a tick boundary (up to 40 ms of latency for nothing: nobody else's
+frames could join its batch), and sessions that submit together go at once.
 
 Bounds and faults: at most `max_pending` requests wait (submit() waits for room: the
 back-pressure lands on the session that submits, not on the others); a submitter that goes
@@ -42,6 +45,16 @@ class _Pending(Generic[Req, Res]):
     request: Req
     future: asyncio.Future
     size: int
+    submitter: object = None  # the submitting task (a session's render loop)
+
+
+ACTIVE_S = 1.0  # a submitter counts as active for this long after its last request
+
+
+def everyone_is_in(pending: set, active: set) -> bool:
+    """Whether a batch can start before its tick: every active submitter has a request
+    pending (then nobody else's request could still join it). Empty `active`: True."""
+    return active <= pending
 
 
 @dataclass
@@ -88,6 +101,10 @@ class TickBatcher(Generic[Req, Res]):
         self._carry: _Pending | None = None  # a request that did not fit the last batch
         self._t0 = 0.0
         self._closed = False
+        self.active_s = ACTIVE_S
+        self._last_seen: dict[object, float] = {}  # submitter -> loop time of its last request
+        self._pending_from: dict[object, int] = {}  # submitter -> requests waiting
+        self._arrived = asyncio.Event()
 
     @property
     def pending(self) -> int:
@@ -98,27 +115,51 @@ class TickBatcher(Generic[Req, Res]):
             self._t0 = asyncio.get_running_loop().time()
             self._task = asyncio.create_task(self._loop(), name=f"{self.name}-batcher")
 
-    async def submit(self, request: Req) -> Res:
+    async def submit(self, request: Req, *, regular: bool = True) -> Res:
         """The result of `request` once its batch has run. Raises BatcherClosed after close(),
-        the batch's exception if process() failed, CancelledError when the caller is."""
+        the batch's exception if process() failed, CancelledError when the caller is.
+        regular=False: a one-off request (a timing probe); its task does not become a submitter
+        that later batches wait for."""
         if self._closed:
             raise BatcherClosed(f"{self.name}: closed")
         if self._task is None:
             await self.start()
-        future = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(request, future, self.size(request)))
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        submitter = asyncio.current_task() if regular else None
+        await self._queue.put(_Pending(request, future, self.size(request), submitter))
+        if submitter is not None:
+            self._last_seen[submitter] = loop.time()
+            self._pending_from[submitter] = self._pending_from.get(submitter, 0) + 1
+        self._arrived.set()
         try:
             return await future
         except asyncio.CancelledError:
             future.cancel()  # the loop skips it, or drops its result
             raise
 
+    def _everyone_in(self) -> bool:
+        now = asyncio.get_running_loop().time()
+        for submitter, seen in list(self._last_seen.items()):
+            if now - seen > self.active_s:
+                del self._last_seen[submitter]  # gone quiet (listening, or closed)
+        pending = {s for s, n in self._pending_from.items() if n > 0}
+        return everyone_is_in(pending, set(self._last_seen))
+
     async def _next_tick(self) -> None:
-        if self.tick_s > 0:
-            loop = asyncio.get_running_loop()
-            now = loop.time()
-            ticks = int((now - self._t0) / self.tick_s) + 1
-            await asyncio.sleep(max(0.0, self._t0 + ticks * self.tick_s - now))
+        """Until the next tick boundary, or until every active submitter has a request in."""
+        if self.tick_s <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        ticks = int((now - self._t0) / self.tick_s) + 1
+        deadline = self._t0 + ticks * self.tick_s
+        while not self._everyone_in() and (left := deadline - loop.time()) > 0:
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), left)
+            except asyncio.TimeoutError:
+                break
 
     def _take_batch(self, first: _Pending) -> list[_Pending]:
         batch, items = [first], first.size
@@ -129,6 +170,14 @@ class TickBatcher(Generic[Req, Res]):
                 break
             batch.append(item)
             items += item.size
+        for p in batch:
+            if p.submitter is None:
+                continue
+            left = self._pending_from.get(p.submitter, 0) - 1
+            if left > 0:
+                self._pending_from[p.submitter] = left
+            else:
+                self._pending_from.pop(p.submitter, None)
         return batch
 
     async def _loop(self) -> None:

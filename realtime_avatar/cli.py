@@ -157,11 +157,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
 
 
-def _runtime(args):
+def _runtime(args, frame_format: str = "bgr24"):
     from .avatar import settings_from_args
     from .runtime import load_runtime
 
     return load_runtime(args.model, args.avatar, args.whisper, allow_random=args.allow_random_weights,
+                        frame_format=frame_format,
                         backend=args.backend, batch_size=args.batch, threads=args.threads,
                         avatar_settings=settings_from_args(args),
                         device=args.torch_device, precision=None if args.precision == "auto" else args.precision)
@@ -265,7 +266,17 @@ def cmd_serve(args) -> int:
     except ValueError as exc:  # RtmpError, JanusError-like URL checks, option combinations
         print(f"realtime-avatar serve: {exc}", file=sys.stderr)
         return 2
-    runtime = _runtime(args)
+    from .engine_runners import cpu_cores
+    from .priority import compute_threads
+
+    threads = compute_threads(cpu_cores(), bool(args.rtmp or args.janus), args.threads)
+    if threads != args.threads:
+        print(f"compute threads: {threads} of {cpu_cores()} cores (the rest is left to the RTMP/Janus "
+              f"encoders; --threads N to choose)", file=sys.stderr)
+        args.threads = threads
+    # auto: yuv420p straight from the engine on a GPU (every output encoder takes it; no
+    # conversion on the host), bgr24 on a CPU (see load_runtime)
+    runtime = _runtime(args, frame_format="auto")
     factory, config = _session_factory(runtime, args)
     print(f"model {runtime.model.model_id}, avatar {runtime.avatar.path.name}, encoder window "
           f"{config.streaming.window_s:g} s / hop {config.streaming.hop_s:g} s / lookahead "

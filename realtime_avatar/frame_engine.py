@@ -322,10 +322,11 @@ class FrameEngine:
         # array another session still reads
         return [[np.array(f) for f in fs] for fs in frames]
 
-    async def render(self, request: FrameRequest) -> list[np.ndarray]:
+    async def render(self, request: FrameRequest, *, probe: bool = False) -> list[np.ndarray]:
         """The frames of `request`, rendered in the next tick's batch together with every
-        other session's. Cancelling the caller drops only its own frames."""
-        return await self._session_batcher().submit(request)
+        other session's. Cancelling the caller drops only its own frames. probe: a one-off
+        timing request (session idle probes), which no later batch waits for."""
+        return await self._session_batcher().submit(request, regular=not probe)
 
     async def close(self) -> None:
         """Stop the tick loop of the current event loop; waiting requests are cancelled."""

@@ -22,7 +22,7 @@ Pure bookkeeping, no I/O: the session feeds it the input progress and asks it at
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .timing import FPS
 
@@ -40,6 +40,10 @@ class PlaybackStats:
     idle: int = 0  # ticks with no input frame due
     dropped: int = 0  # input frames skipped to bound latency (or dropped by interrupt)
     underruns: int = 0  # spurts ended because the next frame had not arrived when due
+    spurt_delays: list = field(default_factory=list)  # delay_s each talk spurt started with (last 20)
+
+    def anchored_at(self, delay_s: float) -> None:
+        self.spurt_delays = (self.spurt_delays + [delay_s])[-20:]
 
 
 class PlaybackScheduler:
@@ -77,6 +81,7 @@ class PlaybackScheduler:
                 if self._arrivals:
                     self.next_frame = self._arrivals[0][0]
                     self._anchor = (self.next_frame, max(now, self._arrivals[0][1] + self.delay_s))
+                    self.stats.anchored_at(self.delay_s)
         if not self._arrivals:
             if self._anchor is not None and now + EPSILON_S >= self._due(self.next_frame):
                 self._anchor = None  # the next frame is due but absent: the spurt has ended
@@ -86,6 +91,7 @@ class PlaybackScheduler:
         frame, arrival = self._arrivals[0]
         if self._anchor is None:
             self._anchor = (frame, arrival + self.delay_s)
+            self.stats.anchored_at(self.delay_s)
         if now + EPSILON_S >= self._due(frame):
             self._arrivals.popleft()
             self.next_frame = frame + 1

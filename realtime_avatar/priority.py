@@ -20,10 +20,11 @@ import threading
 
 log = logging.getLogger(__name__)
 
-# CFS weights: nice 0 = 1024, nice 10 = 110 (kernel/sched/core.c sched_prio_to_weight), so a
-# busy render thread gets ~90% of a contended core against one output thread, yet an output
-# thread still gets a whole core whenever the render is idle.
-OUTPUT_NICE = 10
+# CFS weights: nice 0 = 1024, nice 5 = 335 (kernel/sched/core.c sched_prio_to_weight), so a
+# busy render thread gets ~75% of a contended core against one output thread, yet an output
+# thread still gets a whole core whenever the render is idle. Not lower: a nice-10 RTMP thread
+# dropped 22% of its frames on a machine where another process (a training run at nice 5) was busy.
+OUTPUT_NICE = 5
 
 
 def lower_thread_priority(nice: int = OUTPUT_NICE) -> bool:
@@ -45,3 +46,19 @@ def lower_thread_priority(nice: int = OUTPUT_NICE) -> bool:
 def thread_nice(tid: int | None = None) -> int:
     """The nice value of a thread (default: the calling one); Linux only."""
     return os.getpriority(os.PRIO_PROCESS, threading.get_native_id() if tid is None else tid)
+
+
+def compute_threads(cores: int, encodes_outputs: bool, requested: int | None = None) -> int | None:
+    """Intra-op threads for the model and the Whisper encoder (ONNX Runtime, torch).
+
+    `requested` (--threads) wins. Otherwise None (all cores) for a server whose only outputs are
+    its WebRTC peers, and cores - 1 (at least 1) for one that also encodes broadcast outputs
+    (RTMP, Janus): a parallel operator waits for its slowest thread, so when an encoder thread
+    takes one of the model's cores every operator stalls for a time slice. Measured with
+    bench_broadcast on 2 cores (RTMP + Janus publisher + a Janus subscriber, TTS pushed over the
+    API): 2 threads, 120 of 267 speech frames late, render batch p99 202 ms; 1 thread, 2 late,
+    p99 87 ms. A conversation without broadcast outputs is faster with all cores (bench_e2e:
+    mouth onset 292 vs 333 ms median)."""
+    if requested:
+        return requested
+    return max(1, cores - 1) if encodes_outputs else None

@@ -50,6 +50,7 @@ class AvatarRenderer:
         self.batch_size = batch_size
         self.cycle_length = avatar.cycle_length
         self.engine = engine if engine is not None else FrameEngine(model, device)
+        self.idle_window = np.asarray(idle_window, np.float32)  # what a silent frame hears (probes use it)
         self.slot = self.engine.add_avatar(avatar, idle_window)
         self.frame_format = self.engine.frame_format
         # set by load_runtime: sessions encode their Whisper windows through it (batched per tick)
@@ -65,9 +66,10 @@ class AvatarRenderer:
             raise ValueError(f"{len(positions)} positions but {len(windows)} audio windows")
         return self.engine.render_now([self._request(positions, windows)])[0]
 
-    async def render_async(self, positions: list[int], windows: np.ndarray) -> list[np.ndarray]:
-        """render(), batched with every other session's frames in the engine's next tick."""
-        return await self.engine.render(self._request(positions, windows))
+    async def render_async(self, positions: list[int], windows: np.ndarray, *, probe: bool = False) -> list[np.ndarray]:
+        """render(), batched with every other session's frames in the engine's next tick
+        (probe: a one-off timing render, see FrameEngine.render)."""
+        return await self.engine.render(self._request(positions, windows), probe=probe)
 
     def render_batched(self, positions: list[int], windows: np.ndarray) -> list[np.ndarray]:
         out: list[np.ndarray] = []

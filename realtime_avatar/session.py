@@ -104,6 +104,7 @@ class SessionConfig:
     batch_size: int = 4  # frames rendered per model call (more = faster, but adds latency)
     ring_seconds: float = 30.0  # input audio kept; also bounds the render queue
     silence_rms: float = 0.002  # windows quieter than this (~ -54 dBFS) show the idle mouth unrendered
+    probe_interval_s: float = 1.0  # idle-time timing of encoder + render (adaptive delay only; 0: off)
 
     @property
     def adaptive(self) -> bool:
@@ -178,6 +179,7 @@ class AvatarSession:
         self.rendered_frames = 0
         self.silent_frames = 0
         self.stale_frames = 0
+        self.probes = 0  # idle-time timing runs (_probe_loop)
         self._latencies: deque[float] = deque(maxlen=FPS * 10)
         self._tick_times: deque[float] = deque(maxlen=FPS * 2)
         self.on_tick = None  # optional callback(tick, input_frame | None, image, audio), e.g. a recorder
@@ -241,6 +243,8 @@ class AvatarSession:
             asyncio.create_task(self._render_loop(), name="avatar-render"),
             asyncio.create_task(self._clock_loop(), name="avatar-clock"),
         ]
+        if self.config.adaptive and self.config.probe_interval_s > 0:
+            self._tasks.append(asyncio.create_task(self._probe_loop(), name="avatar-probe"))
         for task in self._tasks:
             task.add_done_callback(self._task_done)
 
@@ -335,6 +339,27 @@ class AvatarSession:
         per_frame = self._frame_times.p99()
         return frames_to_render(deadlines, now, lambda n: n * per_frame, self.config.batch_size)
 
+    async def _probe_loop(self) -> None:
+        """While nobody speaks, time one encoder run and one one-frame render every
+        `probe_interval_s` under the machine's current load (viewers, RTMP and Janus encoders
+        that joined since start-up), into the same p99 trackers as live runs: the next talk
+        spurt's delay (current_delay_s) then fits the load it will meet. Without them the first
+        spurt after a load change is sized from quieter times and its frames come late
+        (measured in bench_broadcast: the TTS spurt after 20 viewers joined). Costs one encoder
+        run and one frame render per interval (~30 ms of CPU on 2 cores for the default model)."""
+        window = self.renderer.idle_window[None]
+        while True:
+            await asyncio.sleep(self.config.probe_interval_s)
+            if self.scheduler.anchored or not self._render_queue.empty() or self.ring.closed:
+                continue  # speech is measured by itself
+            self._encoder_times.add(await self.whisper.probe())
+            t0 = time.monotonic()
+            await self.renderer.render_async([0], window, probe=True)
+            spent = time.monotonic() - t0
+            self._render_times.add(spent)
+            self._frame_times.add(spent)
+            self.probes += 1
+
     async def _clock_loop(self) -> None:
         loop = asyncio.get_running_loop()
         t0 = self.started_at = loop.time()
@@ -379,8 +404,12 @@ class AvatarSession:
             self.ticks = n = n + 1
 
     def _emit(self, n: int, image: np.ndarray, audio: np.ndarray) -> None:
-        # Odd sizes padded to even: aiortc's H.264 encoder (libx264, 4:2:0) refuses odd ones.
-        video = av.VideoFrame.from_ndarray(pad_to_even(image), format="bgr24")
+        # The engine's format: yuv420p (serve: what every encoder takes, nothing converted on
+        # the loop) or bgr24, odd sizes padded to even (aiortc's libx264 refuses odd ones).
+        if self.renderer.frame_format == "yuv420p":
+            video = av.VideoFrame.from_ndarray(image, format="yuv420p")
+        else:
+            video = av.VideoFrame.from_ndarray(pad_to_even(image), format="bgr24")
         video.pts = n * (VIDEO_CLOCK_RATE // FPS)
         video.time_base = VIDEO_TIME_BASE
         pcm = np.clip(audio * 32768.0, -32768, 32767).astype(np.int16)
@@ -412,6 +441,9 @@ class AvatarSession:
             # audio arrival -> frame on the wire, inside the session (network not included)
             "latency_ms": round(1000 * latencies[len(latencies) // 2], 1) if latencies else None,
             "output_delay_ms": round(1000 * self.scheduler.delay_s, 1),
+            # the delay each of the last talk spurts started with (sized between spurts)
+            "spurt_delays_ms": [round(1000 * d, 1) for d in self.scheduler.stats.spurt_delays],
+            "probes": self.probes,
             # the measured terms the delay is sized from (p99s over the recent past)
             "encoder_p99_ms": round(1000 * self._encoder_times.p99(), 1),
             "render_p99_ms": round(1000 * self._render_times.p99(), 1),

@@ -268,6 +268,27 @@ class StreamingWhisper:
         self._segment_max = max(self._segment_max, 4.0 * float(mel.max()) - 4.0)
         return torch.clamp(mel, min=(self._segment_max - 4.0) / 4.0)
 
+    @torch.inference_mode()
+    def _probe_run(self) -> torch.Tensor:
+        audio = torch.zeros(self.config.window_features * SAMPLES_PER_FEATURE)
+        mel = log_mel_spectrogram(audio, n_mels=self.n_mels, device=encoder_device(self.encoder))
+        return encoder_hidden_states(self.encoder, mel, 0, self.config.layout)
+
+    async def probe(self) -> float:
+        """Seconds one live encoder run takes now, under whatever else the machine does: a
+        window of silence of the live length through the same path as live windows (the
+        batcher, or a worker thread). Nothing is emitted and the stream's state is untouched;
+        sessions time one while nobody speaks so that the next talk spurt's delay is sized from
+        the current load, not from the start-up measurement."""
+        t0 = time.monotonic()
+        if self.batcher is None:
+            await asyncio.to_thread(self._probe_run)
+        else:
+            audio = torch.zeros(self.config.window_features * SAMPLES_PER_FEATURE)
+            mel = await asyncio.to_thread(log_mel_spectrogram, audio, self.n_mels, 0, encoder_device(self.encoder))
+            await self.batcher.encode(mel, 0, self.config.layout)
+        return time.monotonic() - t0
+
     def step(self, final: bool = False) -> FeatureBlock | None:
         plan = self.plan(final)
         return None if plan is None else self.run(plan)

@@ -71,8 +71,9 @@ def test_load_runtime_on_auto_runs_everything_on_the_cpu(runtime, tmp_path):
     from realtime_avatar.runtime import load_runtime
 
     loaded = load_runtime(avatar=runtime.avatar.path, device="auto", allow_random=True, backend="torch",
-                          progress=False)
+                          progress=False, frame_format="auto")
     assert loaded.device == torch.device("cpu") and loaded.engine.precision == "fp32"
+    assert loaded.renderer.frame_format == "bgr24"  # serve's "auto": yuv420p only on CUDA
     assert loaded.encoder.conv1.weight.device.type == "cpu"
     assert all(s.bank.frames.device.type == "cpu" for s in loaded.engine.slots)
     assert loaded.renderer.encoder_batcher is not None

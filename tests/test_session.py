@@ -136,6 +136,40 @@ def test_close_releases_everything(runtime):
         return session, before, after
 
     session, before, after = asyncio.run(go())
-    assert after == before - 3
+    assert after == before - 4  # features, render, clock, idle probe
     assert session._render_queue.empty() and not session._rendered
     assert session.ring.closed
+
+
+class LoadedRenderer:
+    """The real renderer on a machine that got busier after start-up: every render takes
+    `extra_s` longer (what 20 viewers and two encoders did to it in bench_broadcast)."""
+
+    def __init__(self, renderer, extra_s: float):
+        self._renderer, self.extra_s = renderer, extra_s
+
+    def __getattr__(self, name):
+        return getattr(self._renderer, name)
+
+    async def render_async(self, positions, windows, **kwargs):
+        await asyncio.sleep(self.extra_s)
+        return await self._renderer.render_async(positions, windows, **kwargs)
+
+
+def test_idle_probes_size_the_next_spurt_for_the_load_that_came_after_start_up(runtime):
+    async def go(probe_interval_s):
+        config = SessionConfig(compute_s=0.03, probe_interval_s=probe_interval_s)
+        session = AvatarSession(runtime.encoder, LoadedRenderer(runtime.renderer, 0.15), config)
+        before = session.current_delay_s()
+        await session.start()
+        await asyncio.sleep(4.5)  # nobody speaks
+        after = session.current_delay_s()
+        probes = session.probes
+        await session.close()
+        return before, after, probes
+
+    before, after, probes = asyncio.run(go(0.1))
+    assert probes >= 8
+    assert after >= before + 0.12, (before, after)  # the 150 ms of extra render time is in the delay
+    before, after, probes = asyncio.run(go(0.0))  # probes off: the start-up figure stays
+    assert probes == 0 and abs(after - before) < 0.02
