@@ -14,16 +14,17 @@ import time
 import aiohttp
 import numpy as np
 import pytest
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError
 
 from realtime_avatar.broadcast import BROADCASTER_KEY, BroadcastOptions
 from realtime_avatar.fanout import outputs_of
-from realtime_avatar.janus import VIDEOROOM, JanusError, JanusPublisher, JanusSession
+from realtime_avatar.janus import JanusError, JanusPublisher
 from realtime_avatar.server import create_app
 from tests.broadcast_servers import JanusGateway, free_port
 from tests.loopback_session import LoopbackSession
 from tests.rtc_client import serving
+from tests.whep_viewers import join_janus_room
 
 ROOM = 4242
 
@@ -41,19 +42,6 @@ class Received:
 
 async def subscribe(http: aiohttp.ClientSession, url: str, room: int, received: Received):
     """Join `room` as a subscriber of its first publisher; returns (janus, pc)."""
-    janus = JanusSession(http, url)
-    await janus.create()
-    handle = await janus.attach(VIDEOROOM)
-    for _ in range(100):
-        listing = await janus.request(handle, {"request": "listparticipants", "room": room})
-        publishers = [p for p in listing.get("participants", []) if p.get("publisher")]
-        if publishers:
-            break
-        await asyncio.sleep(0.1)
-    else:
-        raise AssertionError(f"nobody publishes in room {room}")
-    _, offer = await janus.message(handle, {"request": "join", "ptype": "subscriber", "room": room,
-                                            "streams": [{"feed": publishers[0]["id"]}]})
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
 
     async def consume(track):
@@ -70,10 +58,7 @@ async def subscribe(http: aiohttp.ClientSession, url: str, room: int, received: 
             pass
 
     pc.on("track", lambda track: asyncio.ensure_future(consume(track)))
-    await pc.setRemoteDescription(RTCSessionDescription(sdp=offer["sdp"], type=offer["type"]))
-    await pc.setLocalDescription(await pc.createAnswer())
-    await janus.message(handle, {"request": "start", "room": room},
-                        jsep={"type": "answer", "sdp": pc.localDescription.sdp})
+    janus = await join_janus_room(http, url, room, pc)
     return janus, pc
 
 

@@ -73,31 +73,37 @@ class Viewer:
             task.cancel()
 
 
+async def join_janus_room(http: aiohttp.ClientSession, url: str, room: int, pc: RTCPeerConnection):
+    """Subscribe `pc` to the first publisher of Janus VideoRoom `room` (waits up to 10 s for
+    one); returns the JanusSession (destroy() it to leave)."""
+    from realtime_avatar.janus import VIDEOROOM, JanusSession
+
+    janus = JanusSession(http, url)
+    await janus.create()
+    handle = await janus.attach(VIDEOROOM)
+    for _ in range(100):
+        listing = await janus.request(handle, {"request": "listparticipants", "room": room})
+        publishers = [p for p in listing.get("participants", []) if p.get("publisher")]
+        if publishers:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError(f"nobody publishes in Janus room {room}")
+    _, offer = await janus.message(handle, {"request": "join", "ptype": "subscriber", "room": room,
+                                            "streams": [{"feed": publishers[0]["id"]}]})
+    await pc.setRemoteDescription(RTCSessionDescription(sdp=offer["sdp"], type=offer["type"]))
+    await pc.setLocalDescription(await pc.createAnswer())
+    await janus.message(handle, {"request": "start", "room": room},
+                        jsep={"type": "answer", "sdp": pc.localDescription.sdp})
+    return janus
+
+
 class JanusViewer(Viewer):
     """A subscriber of the first publisher of a Janus VideoRoom (the SFU path of the audience):
     same counting as Viewer; `join(http, janus_url, room)`."""
 
     async def join(self, http: aiohttp.ClientSession, url: str, room: int = 0) -> None:
-        from realtime_avatar.janus import VIDEOROOM, JanusSession
-
-        self.janus = janus = JanusSession(http, url)
-        await janus.create()
-        handle = await janus.attach(VIDEOROOM)
-        for _ in range(100):
-            listing = await janus.request(handle, {"request": "listparticipants", "room": room})
-            publishers = [p for p in listing.get("participants", []) if p.get("publisher")]
-            if publishers:
-                break
-            await asyncio.sleep(0.1)
-        else:
-            raise RuntimeError(f"nobody publishes in Janus room {room}")
-        streams = [{"feed": publishers[0]["id"]}]
-        _, offer = await janus.message(handle, {"request": "join", "ptype": "subscriber", "room": room,
-                                                "streams": streams})
-        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer["sdp"], type=offer["type"]))
-        await self.pc.setLocalDescription(await self.pc.createAnswer())
-        await janus.message(handle, {"request": "start", "room": room},
-                            jsep={"type": "answer", "sdp": self.pc.localDescription.sdp})
+        self.janus = await join_janus_room(http, url, room, self.pc)
 
     async def leave(self, http: aiohttp.ClientSession, base: str = "") -> None:
         await self.pc.close()
