@@ -686,6 +686,15 @@ class _TimedRenderer:
         self._log.append(t1, t1 - t0, len(positions))
         return out
 
+    async def render_async(self, positions: list[int], windows: np.ndarray, **kwargs) -> list[np.ndarray]:
+        """The live path (the FrameEngine's batch per tick); probes are not logged."""
+        t0 = time.monotonic()
+        out = await self._renderer.render_async(positions, windows, **kwargs)
+        t1 = time.monotonic()
+        if not kwargs.get("probe"):
+            self._log.append(t1, t1 - t0, len(positions))
+        return out
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._renderer, name)
 
@@ -735,15 +744,15 @@ def instrumented_session(encoder: Any, renderer: Any, config: Any, *, signature_
 
     session.ring.write = logged_write
 
-    run = session.whisper.run
+    finish_run = session.whisper.finish_run
 
-    def logged_run(plan):
-        t0 = time.monotonic()
-        block = run(plan)
+    def logged_finish_run(plan, states, t0):
+        # every encoder run ends here, batched (the runtime's EncoderBatcher) or not
+        block = finish_run(plan, states, t0)
         session.encoder_log.append(plan.emit_from, plan.emit_to, t0, time.monotonic())
         return block
 
-    session.whisper.run = logged_run
+    session.whisper.finish_run = logged_finish_run
 
     def on_tick(n: int, frame: int | None, image: np.ndarray, audio: np.ndarray) -> None:
         t = time.monotonic()
