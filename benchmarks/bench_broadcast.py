@@ -47,7 +47,7 @@ import common  # noqa: E402
 from tests.broadcast_servers import JanusGateway, NginxRtmp, free_port  # noqa: E402
 from tests.speech import espeak_wav  # noqa: E402
 from tests.test_janus import Received, subscribe  # noqa: E402
-from tests.whep_viewers import JanusViewer, Viewer  # noqa: E402
+from tests.whep_viewers import JanusViewer, Viewer, first_publisher  # noqa: E402
 
 ROOM = 1234
 PAUSE_S = 1.5  # between the agent's utterances
@@ -103,17 +103,7 @@ async def wait_publisher(http: aiohttp.ClientSession, janus_url: str, timeout: f
     janus = JanusSession(http, janus_url)
     await janus.create()
     try:
-        handle = await janus.attach(VIDEOROOM)
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            try:
-                listing = await janus.request(handle, {"request": "listparticipants", "room": ROOM})
-                if any(p.get("publisher") for p in listing.get("participants", [])):
-                    return
-            except Exception:  # noqa: BLE001 - the room may not exist yet
-                pass
-            await asyncio.sleep(0.2)
-        raise TimeoutError(f"the avatar did not publish in Janus room {ROOM} within {timeout:g} s")
+        await first_publisher(janus, await janus.attach(VIDEOROOM), ROOM, timeout)
     finally:
         await janus.destroy()
 

@@ -269,9 +269,12 @@ class StreamingWhisper:
         return torch.clamp(mel, min=(self._segment_max - 4.0) / 4.0)
 
     @torch.inference_mode()
-    def _probe_run(self) -> torch.Tensor:
+    def _silent_window_mel(self) -> torch.Tensor:
         audio = torch.zeros(self.config.window_features * SAMPLES_PER_FEATURE)
-        mel = log_mel_spectrogram(audio, n_mels=self.n_mels, device=encoder_device(self.encoder))
+        return log_mel_spectrogram(audio, n_mels=self.n_mels, device=encoder_device(self.encoder))
+
+    @torch.inference_mode()
+    def _encode_alone(self, mel: torch.Tensor) -> torch.Tensor:
         return encoder_hidden_states(self.encoder, mel, 0, self.config.layout)
 
     async def probe(self) -> float:
@@ -281,11 +284,10 @@ class StreamingWhisper:
         sessions time one while nobody speaks so that the next talk spurt's delay is sized from
         the current load, not from the start-up measurement."""
         t0 = time.monotonic()
+        mel = await asyncio.to_thread(self._silent_window_mel)
         if self.batcher is None:
-            await asyncio.to_thread(self._probe_run)
+            await asyncio.to_thread(self._encode_alone, mel)
         else:
-            audio = torch.zeros(self.config.window_features * SAMPLES_PER_FEATURE)
-            mel = await asyncio.to_thread(log_mel_spectrogram, audio, self.n_mels, 0, encoder_device(self.encoder))
             await self.batcher.encode(mel, 0, self.config.layout)
         return time.monotonic() - t0
 

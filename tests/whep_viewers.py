@@ -73,6 +73,24 @@ class Viewer:
             task.cancel()
 
 
+async def first_publisher(janus, handle: int, room: int, timeout_s: float = 10.0) -> int:
+    """The id of the first publisher of Janus VideoRoom `room`, once there is one (the room
+    may not exist yet either); AssertionError after `timeout_s`."""
+    from realtime_avatar.janus import JanusError
+
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        try:
+            listing = await janus.request(handle, {"request": "listparticipants", "room": room})
+            publishers = [p for p in listing.get("participants", []) if p.get("publisher")]
+            if publishers:
+                return publishers[0]["id"]
+        except JanusError:  # no such room yet
+            pass
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"nobody publishes in Janus room {room} within {timeout_s:g} s")
+
+
 async def join_janus_room(http: aiohttp.ClientSession, url: str, room: int, pc: RTCPeerConnection):
     """Subscribe `pc` to the first publisher of Janus VideoRoom `room` (waits up to 10 s for
     one); returns the JanusSession (destroy() it to leave)."""
@@ -81,16 +99,9 @@ async def join_janus_room(http: aiohttp.ClientSession, url: str, room: int, pc: 
     janus = JanusSession(http, url)
     await janus.create()
     handle = await janus.attach(VIDEOROOM)
-    for _ in range(100):
-        listing = await janus.request(handle, {"request": "listparticipants", "room": room})
-        publishers = [p for p in listing.get("participants", []) if p.get("publisher")]
-        if publishers:
-            break
-        await asyncio.sleep(0.1)
-    else:
-        raise AssertionError(f"nobody publishes in Janus room {room}")
+    publisher = await first_publisher(janus, handle, room)
     _, offer = await janus.message(handle, {"request": "join", "ptype": "subscriber", "room": room,
-                                            "streams": [{"feed": publishers[0]["id"]}]})
+                                            "streams": [{"feed": publisher}]})
     await pc.setRemoteDescription(RTCSessionDescription(sdp=offer["sdp"], type=offer["type"]))
     await pc.setLocalDescription(await pc.createAnswer())
     await janus.message(handle, {"request": "start", "room": room},
