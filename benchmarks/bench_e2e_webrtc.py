@@ -452,7 +452,8 @@ def summarise(analysis: dict, config: SessionConfig, raw: dict) -> dict:
         "design_ms": design,
         "session_stats": {k: raw["stats"].get(k) for k in (
             "fps", "frames_sent", "late_frames", "dropped_frames", "rendered_frames", "latency_ms",
-            "encoder_ms_per_run", "encoder_runs", "tick_lateness_p99_ms")},
+            "encoder_ms_per_run", "encoder_runs", "tick_lateness_p99_ms", "spurt_delays_ms", "retimed_frames",
+            "need_ms", "need_excess_p99_ms", "input_jitter_ms", "encoder_p99_ms", "render_p99_ms")},
         "connect_s": round(raw["connected_s"], 2),
     }
 

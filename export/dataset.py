@@ -312,14 +312,8 @@ class ClipGenerator:
         return self._teacher_cache[index]
 
     def generate(self, seed: int, split: str = "train") -> Clip:
-        _check_split(split)
-        rng = np.random.default_rng([seed, SPLITS.index(split)])
-        face_index = int(rng.integers(len(self.faces)))
-        plan = plan_speech(rng, split)
-        aug = plan_augmentation(rng)
-
-        audio_native, native_rate, phonemes = assemble_speech(plan)
-        audio = soxr.resample(audio_native, native_rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
+        face_index, plan, aug = self._draw(seed, split)
+        audio, phonemes = _speech(plan)
         n = num_frames(len(audio))
         curves = viseme_curves(phonemes, n)
         frames, boxes = self.render_frames(face_index, curves, aug)
@@ -337,6 +331,19 @@ class ClipGenerator:
             augmentation=aug,
             face_index=face_index,
         )
+
+    def audio(self, seed: int, split: str = "train") -> np.ndarray:
+        """[n] float32 16 kHz: the speech of clip `seed` alone, exactly as generate() makes it
+        (no frames rendered: seconds instead of the teacher's minutes)."""
+        return _speech(self._draw(seed, split)[1])[0]
+
+    def _draw(self, seed: int, split: str) -> tuple[int, object, Augmentation]:
+        """The clip's random choices, in generate()'s order: face, speech plan, augmentation."""
+        _check_split(split)
+        rng = np.random.default_rng([seed, SPLITS.index(split)])
+        face_index = int(rng.integers(len(self.faces)))
+        plan = plan_speech(rng, split)
+        return face_index, plan, plan_augmentation(rng)
 
     def render_frames(
         self, face_index: int, curves: VisemeCurves | None, aug: Augmentation,
@@ -388,6 +395,12 @@ def default_generator() -> ClipGenerator:
 
 
 @lru_cache(maxsize=2)
+def _speech(plan) -> tuple[np.ndarray, list]:
+    """A speech plan -> (16 kHz float32 audio, its phonemes)."""
+    audio_native, native_rate, phonemes = assemble_speech(plan)
+    return soxr.resample(audio_native, native_rate, SAMPLE_RATE, quality="HQ").astype(np.float32), phonemes
+
+
 def identity_generator(identities: str) -> ClipGenerator:
     """The generator of an identity set (export.face_photos.identity_set: 'astronaut',
     'any-face', or a folder of photos); the photos are fetched once into the cache if needed."""

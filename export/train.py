@@ -45,6 +45,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,6 +131,9 @@ class TrainSettings:
     video: Path | None = None  # personal model: train on this talking-head video
     init: Path | None = None  # start from these compact weights (personal models: the default)
     identities: str = "astronaut"  # faces of the generated clips (export.face_photos.identity_set)
+    # another run directory of the same clips at another hearing setting: its teacher frames are
+    # re-heard (hear_clip) instead of made again, and its latents reused (same init encoder)
+    clips_from: Path | None = None
     model: CompactConfig = DEFAULT_MODEL
     # What the model hears (recorded in its metadata, read back by the runtime): the per-frame
     # audio window and the live encoder setting its training features are streamed with.
@@ -141,8 +145,54 @@ class TrainSettings:
         d["out"] = str(self.out)
         d["video"] = None if self.video is None else str(self.video)
         d["init"] = None if self.init is None else str(self.init)
+        d["clips_from"] = None if self.clips_from is None else str(self.clips_from)
         d["model"] = json.loads(self.model.to_json())
         return d
+
+
+# ------------------------------------------------------------------------------------ the clock
+
+PAUSE_BEAT_S = 0.5  # the heartbeat's period
+PAUSE_GAP_S = 5.0  # a beat this late means the process was stopped, not merely busy
+
+
+class _PauseAwareClock:
+    """Monotonic seconds that do not advance while the process is stopped (SIGSTOP, Ctrl+Z, a
+    machine asleep): a daemon thread beats every PAUSE_BEAT_S; a beat more than PAUSE_GAP_S late
+    and the process used next to no CPU meanwhile means it was stopped, and the gap is taken off
+    (a long C call that holds the GIL also delays the beat, but burns CPU all along). A run
+    paused so that a benchmark gets the machine keeps its whole --minutes of training (budgets
+    and the learning-rate schedule follow this clock)."""
+
+    def __init__(self):
+        self._paused = 0.0
+        self._last = time.monotonic()
+        self._last_cpu = time.process_time()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def _beat(self) -> None:
+        while True:
+            time.sleep(PAUSE_BEAT_S)
+            self._settle()
+
+    def _settle(self) -> None:
+        with self._lock:
+            now, cpu = time.monotonic(), time.process_time()
+            gap, used = now - self._last, cpu - self._last_cpu
+            if gap > PAUSE_GAP_S and used < 0.5 * gap:
+                self._paused += gap - PAUSE_BEAT_S
+            self._last, self._last_cpu = now, cpu
+
+    def __call__(self) -> float:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._beat, name="train-clock", daemon=True)
+            self._thread.start()
+        self._settle()  # a stop that ended just now counts before the caller reads the time
+        return time.monotonic() - self._paused
+
+
+run_clock = _PauseAwareClock()
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -239,17 +289,25 @@ def prepare_teacher_clip(
 
     generator = identity_generator(identities)
     clip = generator.generate(seed, split)
-    rng = np.random.default_rng([seed, 7])
     n = clip.n_frames
     photo_at = np.linspace(0, n - 1, PHOTO_CROPS_PER_CLIP).round().astype(int)
-    return ClipData(
-        name=clip_name(split, seed, identities, len(generator.faces)),
-        frames=clip.frames,
-        windows=clip_windows(encoder, clip.audio, n, streaming, window),
-        subclips=subclip_windows(encoder, clip.audio, n, rng, subclips, streaming, window),
-        mouth=clip.curves.as_array().astype(np.float32),
-        photos=photo_crops(generator, clip, photo_at),
-    )
+    seen = ClipData(name=clip_name(split, seed, identities, len(generator.faces)), frames=clip.frames,
+                    windows=np.zeros((0, 50, 384), np.float16), subclips=[],
+                    mouth=clip.curves.as_array().astype(np.float32), photos=photo_crops(generator, clip, photo_at))
+    return hear_clip(seen, clip.audio, seed, encoder, subclips, streaming, window)
+
+
+def hear_clip(
+    clip: ClipData, audio16k: np.ndarray, seed: int, encoder, subclips: int,
+    streaming: StreamingConfig = LOW_LATENCY, window: AudioWindow = MUSETALK_WINDOW,
+) -> ClipData:
+    """`clip` with its audio windows (whole clip and sub-clips) streamed at this hearing setting;
+    frames, mouth and photos kept. A clip made for one setting is re-heard for another in
+    seconds, without running the teacher again (benchmarks/study_window.py)."""
+    rng = np.random.default_rng([seed, 7])  # the same sub-clips at every setting
+    n = clip.n_frames
+    return dataclasses.replace(clip, windows=clip_windows(encoder, audio16k, n, streaming, window),
+                               subclips=subclip_windows(encoder, audio16k, n, rng, subclips, streaming, window))
 
 
 def clip_name(split: str, seed: int, identities: str = "astronaut", faces: int = 1) -> str:
@@ -274,19 +332,36 @@ def _worker_init() -> None:
 
 
 def _worker_prepare(job: tuple) -> str:
-    seed, split, subclips, path, identities, *hearing = job  # hearing: (streaming json, window json) or absent
+    # hearing: (streaming json, window json[, the same clip cached for another setting]) or absent
+    seed, split, subclips, path, identities, *hearing = job
     streaming, window = LOW_LATENCY, MUSETALK_WINDOW
     if hearing:
         streaming, window = StreamingConfig(**json.loads(hearing[0])), AudioWindow.from_json(hearing[1])
-    prepare_teacher_clip(seed, split, _worker_encoder, subclips, identities, streaming, window).save(Path(path))
+    heard = ClipData.load(Path(hearing[2])) if len(hearing) > 2 and hearing[2] else None
+    if heard is not None:
+        from export.dataset import identity_generator
+
+        audio = identity_generator(identities).audio(seed, split)
+        clip = hear_clip(heard, audio, seed, _worker_encoder, subclips, streaming, window)
+    else:
+        clip = prepare_teacher_clip(seed, split, _worker_encoder, subclips, identities, streaming, window)
+    clip.save(Path(path))
     return path
+
+
+def _heard_elsewhere(cache: Path | None, name: str) -> str:
+    """The path of clip `name` cached for some hearing setting in `cache`, or ''."""
+    found = sorted(cache.glob(f"{name}*.npz")) if cache is not None else []
+    return str(found[0]) if found else ""
 
 
 def build_teacher_dataset(
     cache: Path, seeds: Sequence[int], split: str, subclips: int, workers: int, identities: str = "astronaut",
-    streaming: StreamingConfig = LOW_LATENCY, window: AudioWindow = MUSETALK_WINDOW,
+    streaming: StreamingConfig = LOW_LATENCY, window: AudioWindow = MUSETALK_WINDOW, heard_in: Path | None = None,
 ) -> list[ClipData]:
-    """Generate (or load from `cache`) the clips of `seeds`; `workers` processes generate."""
+    """Generate (or load from `cache`) the clips of `seeds`; `workers` processes generate.
+    `heard_in`: a cache of the same clips made for another hearing setting: their frames are
+    reused and only the audio windows made again (hear_clip)."""
     cache.mkdir(parents=True, exist_ok=True)
     faces = 1
     if identities != "astronaut":
@@ -302,7 +377,8 @@ def build_teacher_dataset(
 
         log.info("preparing %d clips (%d cached) with %d workers", len(missing), len(seeds) - len(missing), workers)
         hearing = (json.dumps(dataclasses.asdict(streaming)), window.to_json())
-        jobs = [(s, split, subclips, str(p), identities, *hearing) for s, p in missing]
+        jobs = [(s, split, subclips, str(p), identities, *hearing,
+                 _heard_elsewhere(heard_in, clip_name(split, s, identities, faces))) for s, p in missing]
         t0 = time.perf_counter()
         if workers > 1:
             import multiprocessing
@@ -453,6 +529,17 @@ def cached_latents(out: Path, encoder: torch.nn.Module, clips: Sequence[ClipData
     return latents
 
 
+def _link_latents(source_run: Path | None, out: Path) -> None:
+    """Reuse another run's latents file (a hard link: ~3 GB for 400 clips) when this run has
+    none; cached_latents() then checks that it fits (same encoder weights, same frames)."""
+    if source_run is None or (out / LATENTS_FILE).exists() or not (Path(source_run) / LATENTS_FILE).is_file():
+        return
+    try:
+        os.link(Path(source_run) / LATENTS_FILE, out / LATENTS_FILE)
+    except OSError:  # another filesystem: a symlink does as well (the file is only read)
+        os.symlink((Path(source_run) / LATENTS_FILE).resolve(), out / LATENTS_FILE)
+
+
 @dataclass
 class Progress:
     """What a checkpoint holds besides the weights."""
@@ -482,14 +569,14 @@ class Trainer:
         self.latents: Latents | None = None
         self.precision = settings.precision if settings.precision != "auto" else "fp32"
         self._saved_optimizer = None
-        self._last_checkpoint = time.monotonic()
-        self._run_started = time.monotonic()
+        self._last_checkpoint = run_clock()
+        self._run_started = run_clock()
         self._spent_before = 0.0
 
     # -- bookkeeping
 
     def spent(self) -> float:
-        return self._spent_before + time.monotonic() - self._run_started
+        return self._spent_before + run_clock() - self._run_started
 
     def _autocast(self):
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16")
@@ -538,7 +625,7 @@ class Trainer:
         tmp = self.out / f".{CHECKPOINT}.tmp"
         torch.save(state, tmp)
         os.replace(tmp, self.out / CHECKPOINT)
-        self._last_checkpoint = time.monotonic()
+        self._last_checkpoint = run_clock()
         log.info("checkpoint: %s step %d (%.0f s spent)", self.progress.stage, self.progress.step, self.spent())
 
     def restore(self, path: Path) -> None:
@@ -546,7 +633,7 @@ class Trainer:
         self.net.load_state_dict(state["net"])
         self.progress = Progress(**state["progress"])
         self._spent_before = self.progress.spent_seconds
-        self._run_started = time.monotonic()
+        self._run_started = run_clock()
         self.rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
         self._saved_optimizer = state["optimizer"]
@@ -555,7 +642,7 @@ class Trainer:
                  self.progress.spent_seconds, self.settings.minutes * 60)
 
     def _maybe_checkpoint(self) -> None:
-        if time.monotonic() - self._last_checkpoint >= self.settings.checkpoint_minutes * 60:
+        if run_clock() - self._last_checkpoint >= self.settings.checkpoint_minutes * 60:
             self.checkpoint()
 
     # -- stages
@@ -666,7 +753,7 @@ class Trainer:
         self._start_stage(stage)
         self.net.train()
         base = self.settings.lr_autoencoder if stage == "autoencoder" else self.settings.lr_unet
-        t_stage = time.monotonic() - p.stage_seconds
+        t_stage = run_clock() - p.stage_seconds
         running: list[float] = []
         log.info("stage %s: %.0f s budget from step %d", stage, p.stage_budget, p.step)
         while p.stage_seconds < p.stage_budget and (max_steps is None or p.step < max_steps):
@@ -678,7 +765,7 @@ class Trainer:
                 losses = self.unet_step(*self.unet_batch(with_images))
             running.append(losses[0])
             p.step += 1
-            p.stage_seconds = time.monotonic() - t_stage
+            p.stage_seconds = run_clock() - t_stage
             if p.step % self.settings.log_every == 0 or p.step == 1:
                 lr = self.optimizer.param_groups[0]["lr"]  # type: ignore[union-attr]
                 fields = {"stage": stage, "step": p.step, "loss": float(np.mean(running)), "lr": lr}
@@ -762,7 +849,8 @@ def load_clips(settings: TrainSettings) -> list[ClipData]:
     first = settings.seed * 100000  # seed 0: clips 0..N-1; another seed: another set of clips
     seeds = list(range(first, first + settings.clips))
     return build_teacher_dataset(settings.out / "clips", seeds, "train", settings.subclips_per_clip, settings.workers,
-                                 settings.identities, settings.streaming, settings.window)
+                                 settings.identities, settings.streaming, settings.window,
+                                 None if settings.clips_from is None else Path(settings.clips_from) / "clips")
 
 
 def hearing_from_json(saved: dict) -> dict:
@@ -807,7 +895,7 @@ def train(
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     budget = settings.minutes * 60.0
-    started = time.monotonic()
+    started = run_clock()
 
     checkpoint = out / CHECKPOINT
     if resume and not checkpoint.is_file():
@@ -828,8 +916,8 @@ def train(
         trainer.restore(checkpoint)
     else:
         trainer.precision = trainer.pick_precision()
-        trainer._spent_before = time.monotonic() - started  # data preparation counts
-        trainer._run_started = time.monotonic()
+        trainer._spent_before = run_clock() - started  # data preparation counts
+        trainer._run_started = run_clock()
         (out / LOG_FILE).write_text("")
         frames = sum(c.n_frames for c in clips)
         log.info("data: %d clips, %d frames; model %.2f M parameters", len(clips), frames,
@@ -855,9 +943,10 @@ def train(
         p.stage, p.step, p.stage_seconds = "unet", 0, 0.0
         trainer.checkpoint()
     if p.stage == "unet":
-        t0 = time.monotonic()
+        t0 = run_clock()
+        _link_latents(settings.clips_from, out)
         trainer.latents = cached_latents(out, trainer.net.encoder, clips)
-        log.info("latents of %d frames in %.0f s", frames, time.monotonic() - t0)
+        log.info("latents of %d frames in %.0f s", frames, run_clock() - t0)
         unet_budget = p.stage_seconds + max(budget - trainer.spent(), 0.0)
         p.stage_budget = unet_budget
         trainer.run_stage("unet", unet_budget, settings.max_unet_steps, on_step)
@@ -911,6 +1000,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"streaming encoder hop in seconds (default {LOW_LATENCY.hop_s:g}; live sessions run at <= 0.04)")
     g.add_argument("--encoder-window", type=float, default=None,
                    help=f"streaming encoder window in seconds (default {LOW_LATENCY.window_s:g})")
+    parser.add_argument("--clips-from", type=Path, default=None,
+                        help="another run directory with the same clips (same --identities, --clips, --seed) made at "
+                             "another hearing setting: its teacher frames are re-heard, not made again, and its "
+                             "latents reused (minutes instead of hours for 400 clips)")
+    parser.add_argument("--unet-only", action="store_true",
+                        help="with --init: keep the init's autoencoder, train the UNet only (what --clips-from's "
+                             "latents need)")
     parser.add_argument("--snapshot", action="store_true",
                         help="no training: save the model of OUT/checkpoint.pt (to --copy-to, else OUT/snapshot.safetensors)")
     return parser
@@ -935,8 +1031,15 @@ def main(argv: list[str] | None = None) -> int:
     settings = TrainSettings(
         out=args.out, minutes=args.minutes, clips=args.clips, seed=args.seed, video=args.video, init=init,
         batch_size=args.batch_size, precision=args.precision, threads=args.threads, workers=args.workers,
-        checkpoint_minutes=args.checkpoint_minutes, identities=args.identities, **hearing,
+        checkpoint_minutes=args.checkpoint_minutes, identities=args.identities, clips_from=args.clips_from,
+        max_autoencoder_steps=0 if args.unet_only else None, **hearing,
     )  # fmt: skip
+    if args.unet_only and init is None:
+        print("python -m export.train: --unet-only needs --init (the autoencoder to keep)", file=sys.stderr)
+        return 2
+    if args.clips_from is not None and not (args.clips_from / "clips").is_dir():
+        print(f"python -m export.train: --clips-from {args.clips_from}: no clips/ folder there", file=sys.stderr)
+        return 2
     if args.video is not None and (hearing["window"] != MUSETALK_WINDOW or hearing["streaming"] != LOW_LATENCY):
         print("python -m export.train: --right-context-ms/--lookahead/--hop/--encoder-window are not "
               "supported with --video yet (personal models hear what the default model hears)", file=sys.stderr)

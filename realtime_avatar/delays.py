@@ -15,6 +15,13 @@ The first three come from the model's audio contract; the last two are measured 
 (the runtime calibrates the compute term at start-up, the session keeps measuring both and
 re-sizes the delay between talk spurts, where a change cannot cut a word).
 
+That sum of worst cases over-estimates: a frame rarely waits a whole hop AND meets the p99
+encoder run AND the p99 render AND the p99 jitter (bench_e2e_webrtc: onset frames were ready
+~100 ms before their tick). So the session also measures what each speech frame really needed
+(when it was ready, from the time its audio was due on the input's clock) and corrects the sum
+by the p99 of the difference (`need - sum`): the sum still follows load changes (idle probes
+update its terms), the correction takes off what the worst cases never add up to.
+
 Pure functions and small bounded trackers; no I/O.
 """
 
@@ -34,6 +41,7 @@ ARRIVAL_HISTORY_S = 10.0  # packets kept for the jitter estimate
 JITTER_REFRESH_S = 0.5  # the jitter estimate is recomputed at most this often
 JITTER_SPAN_S = 1.0  # a packet's lateness is compared with the earliest of this span before it
 MIN_SAMPLES = 8  # fewer measurements than this: keep the default
+MIN_NEED_SAMPLES = 25  # speech frames measured (one second) before the sum is corrected by them
 
 
 def quantile(values: Sequence[float], q: float) -> float:
@@ -79,8 +87,9 @@ class DurationTracker:
     """The last DURATION_HISTORY durations (seconds) of something; p99 of them, or `default`
     while fewer than MIN_SAMPLES were seen."""
 
-    def __init__(self, default: float, history: int = DURATION_HISTORY):
+    def __init__(self, default: float, history: int = DURATION_HISTORY, min_samples: int = MIN_SAMPLES):
         self.default = default
+        self.min_samples = min_samples
         self._values: deque[float] = deque(maxlen=history)
 
     def add(self, seconds: float) -> None:
@@ -90,7 +99,7 @@ class DurationTracker:
         return len(self._values)
 
     def p99(self) -> float:
-        return quantile(self._values, 0.99) if len(self._values) >= MIN_SAMPLES else self.default
+        return quantile(self._values, 0.99) if len(self._values) >= self.min_samples else self.default
 
 
 def arrival_jitter(
@@ -148,6 +157,27 @@ class ArrivalTracker:
         if self._cached is None or not 0 <= newest - self._cached[0] < JITTER_REFRESH_S:
             self._cached = (newest, arrival_jitter(list(self._arrivals)))
         return self._cached[1]
+
+
+def corrected_delay(summed_s: float, excess_p99_s: float | None, floor_s: float) -> float:
+    """The delay a talk spurt gets: the sum of the terms' p99s (`summed_s`) corrected by the p99
+    of what measured speech frames needed beyond (or, usually, short of) that sum; None: not
+    enough frames measured yet, the sum alone. Never below `floor_s` (the model's right context
+    + lookahead: audio that has not been spoken cannot be heard sooner)."""
+    delay = summed_s if excess_p99_s is None else summed_s + excess_p99_s
+    return max(delay, floor_s)
+
+
+def retime_frames(current_s: float, target_s: float) -> int:
+    """How to move a playing talk spurt from delay `current_s` to `target_s` (seconds) in whole
+    frames, during silence: > 0 skip that many input frames (the delay shrinks, never below the
+    target), < 0 play that many idle ticks first (the delay grows to at least the target), 0
+    within a frame of it already. A microphone never stops sending (silence is audio), so its
+    session is one spurt from connect to hang-up and can only be re-sized this way."""
+    frame_s = 1.0 / FPS
+    if target_s > current_s + 1e-9:
+        return -math.ceil((target_s - current_s) / frame_s - 1e-9)
+    return math.floor((current_s - target_s) / frame_s + 1e-9)
 
 
 def frames_to_render(

@@ -41,6 +41,7 @@ class PlaybackStats:
     dropped: int = 0  # input frames skipped to bound latency (or dropped by interrupt)
     underruns: int = 0  # spurts ended because the next frame had not arrived when due
     spurt_delays: list = field(default_factory=list)  # delay_s each talk spurt started with (last 20)
+    retimed: list = field(default_factory=list)  # frames each in-spurt re-size moved (last 20; + skipped, - idle)
 
     def anchored_at(self, delay_s: float) -> None:
         self.spurt_delays = (self.spurt_delays + [delay_s])[-20:]
@@ -106,9 +107,37 @@ class PlaybackScheduler:
         """A talk spurt is playing: its frames' times are fixed (change `delay_s` only when not)."""
         return self._anchor is not None
 
+    @property
+    def anchor_frame(self) -> int | None:
+        """The input frame the playing spurt's times count from (None: no spurt)."""
+        return None if self._anchor is None else self._anchor[0]
+
     def due(self, frame: int) -> float | None:
         """Wall time input `frame` plays at in the current spurt; None when no spurt is anchored."""
         return None if self._anchor is None else self._due(frame)
+
+    def retime(self, frames: int) -> int:
+        """Move the playing spurt by whole frames (delays.retime_frames): frames > 0 skips that
+        many pending input frames (they are never played, the delay shrinks by frames/25 s),
+        frames < 0 plays -frames idle ticks before the next frame (the delay grows). Only for
+        silence: the session checks that what is skipped is quiet. Skips at most what is pending.
+        Returns the frames actually moved (same sign); 0 when no spurt is playing."""
+        if self._anchor is None or frames == 0:
+            return 0
+        anchor_frame, anchor_time = self._anchor
+        if frames > 0:
+            frames = min(frames, len(self._arrivals))
+            for _ in range(frames):
+                self._arrivals.popleft()
+            self.next_frame += frames
+            self.stats.dropped += frames
+            self._anchor = (anchor_frame + frames, anchor_time)  # frame f+k plays when f would have
+        else:
+            self._anchor = (anchor_frame, anchor_time - frames / FPS)
+        self.delay_s = max(0.0, self.delay_s - frames / FPS)
+        self.stats.retimed.append(frames)
+        self.stats.retimed[:] = self.stats.retimed[-20:]
+        return frames
 
     def pending(self) -> int:
         """Input frames that arrived and wait to be played."""

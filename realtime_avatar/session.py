@@ -20,6 +20,7 @@ import asyncio
 import dataclasses
 import fractions
 import logging
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -31,7 +32,18 @@ from whisper.model import AudioEncoder
 
 from .audio_ring import AudioRing, SamplesLost
 from .audio_sources import PcmPushSource
-from .delays import DEFAULT_COMPUTE_S, DEFAULT_JITTER_S, ArrivalTracker, DurationTracker, frames_to_render, quantile
+from .delays import (
+    DEFAULT_COMPUTE_S,
+    DEFAULT_JITTER_S,
+    DURATION_HISTORY,
+    MIN_NEED_SAMPLES,
+    ArrivalTracker,
+    DurationTracker,
+    corrected_delay,
+    frames_to_render,
+    quantile,
+    retime_frames,
+)
 from .frame_windows import FrameAudio, StreamingFrameWindows
 from .playback import PlaybackScheduler, tick_time
 from .renderer import AvatarRenderer
@@ -66,6 +78,10 @@ MAX_HOP_S = 0.04
 # behind for good at one hop per run; when behind, a run emits up to this many hops (at most
 # half the encoder window: streaming_whisper.plan_window).
 CATCH_UP_HOPS = 25
+# A playing spurt is re-sized (delays.retime_frames) at most this often, and only after this much
+# silence was played: a pause between words, not the gap between two syllables.
+RETIME_INTERVAL_S = 1.0
+RETIME_AFTER_SILENCE_S = 0.2
 
 
 def pipeline_delay(
@@ -191,7 +207,12 @@ class AvatarSession:
         self._render_times = DurationTracker(config.compute_s / 2)  # per batch
         self._frame_times = DurationTracker(config.compute_s / (2 * max(1, config.batch_size)))  # per frame
         self._arrivals = ArrivalTracker()
+        # what speech frames needed beyond the summed terms (delays.corrected_delay)
+        self._need_excess = DurationTracker(0.0, min_samples=MIN_NEED_SAMPLES)
+        self._needs: deque[float] = deque(maxlen=DURATION_HISTORY)  # the needs themselves (stats)
         self._tick_lateness: deque[float] = deque(maxlen=FPS * 10)
+        self._silent_ticks = 0  # consecutive ticks that played a silent input frame
+        self._last_retime = -math.inf
 
     # -- input ----------------------------------------------------------------------------------
 
@@ -212,13 +233,29 @@ class AvatarSession:
         self._arrivals.add(self.ring.write_index, now)
         self.scheduler.input_progress(self.ring.write_index // SAMPLES_PER_FRAME, now)
 
-    def current_delay_s(self) -> float:
-        """The output delay the next talk spurt gets: fixed when configured, else the model's
-        right context + lookahead + hop + measured p99 compute + measured p99 jitter."""
-        if not self.config.adaptive:
-            return self.config.output_delay_s
+    def _summed_delay_s(self) -> float:
+        """The model's right context + lookahead + hop + p99 compute + p99 input jitter."""
         compute = self._encoder_times.p99() + self._render_times.p99()
         return pipeline_delay(self.config.streaming, compute + self._arrivals.jitter(), self.config.window)
+
+    def current_delay_s(self) -> float:
+        """The output delay the next talk spurt gets (or a playing one is re-sized to, in silence):
+        fixed when configured, else the summed terms corrected by what speech frames needed
+        (delays.corrected_delay)."""
+        if not self.config.adaptive:
+            return self.config.output_delay_s
+        excess = self._need_excess.p99() if len(self._need_excess) >= MIN_NEED_SAMPLES else None
+        floor = self.config.window.right_context_s + self.config.streaming.lookahead_s
+        return corrected_delay(self._summed_delay_s(), excess, floor)
+
+    def _frame_ready(self, frame: int, now: float) -> None:
+        """A speech frame is rendered (or found too late to be): note what delay it needed, from
+        the time its audio was due on the input's clock (its play time - the spurt's delay)."""
+        due = self.scheduler.due(frame)
+        if due is not None and frame >= self.scheduler.anchor_frame:  # not a frame of an earlier spurt
+            needed = now - (due - self.scheduler.delay_s)
+            self._needs.append(needed)
+            self._need_excess.add(needed - self._summed_delay_s())
 
     def end_of_input(self) -> None:
         """The speaker's stream ended: the last frames are released, then the avatar idles."""
@@ -304,6 +341,10 @@ class AvatarSession:
             # Frames the clock has already passed are not worth rendering (we are behind).
             fresh = [fa for fa in batch if fa.index >= self.scheduler.next_frame]
             self.stale_frames += len(batch) - len(fresh)
+            now = time.monotonic()
+            for fa in batch:
+                if fa.index < self.scheduler.next_frame and not self._is_silent(fa.index):
+                    self._frame_ready(fa.index, now)  # it needed at least this much
             speech = []
             for fa in fresh:
                 if self._is_silent(fa.index):
@@ -318,9 +359,12 @@ class AvatarSession:
             t0 = time.monotonic()
             # the process's FrameEngine batches these with every other session's (one call per tick)
             images = await self.renderer.render_async(poses, windows)
-            spent = time.monotonic() - t0
+            done = time.monotonic()
+            spent = done - t0
             self._render_times.add(spent)
             self._frame_times.add(spent / len(speech))
+            for fa in speech:
+                self._frame_ready(fa.index, done)
             if self.metrics_sink is not None:
                 self.metrics_sink.observe_render(len(poses), spent)
             for fa, image in zip(speech, images):
@@ -374,11 +418,13 @@ class AvatarSession:
             if not self.scheduler.anchored:  # between talk spurts: re-size the delay to what was measured
                 self.scheduler.delay_s = self.current_delay_s()
             self.scheduler.input_progress(self.ring.write_index // SAMPLES_PER_FRAME, now)
+            self._retime_in_silence(now)
             arrival = None
             frame = self.scheduler.tick(now)
             pose = n % self.renderer.cycle_length
             image, audio = None, silence
             if frame is not None:
+                self._silent_ticks = self._silent_ticks + 1 if self._is_silent(frame) else 0
                 self._tick_offset = n - frame
                 arrival = self.scheduler.last_arrival
                 if frame in self._rendered:
@@ -402,6 +448,27 @@ class AvatarSession:
                 self.on_tick(n, frame, image, audio)
             self._tick_times.append(now)
             self.ticks = n = n + 1
+
+    def _retime_in_silence(self, now: float) -> None:
+        """Re-size a playing spurt to current_delay_s() in a pause: skip silent input frames or
+        play idle ticks (delays.retime_frames). A microphone session is one spurt from connect
+        to hang-up (silence is audio too), so without this it keeps its start-up delay."""
+        if (not self.config.adaptive or not self.scheduler.anchored or now - self._last_retime < RETIME_INTERVAL_S
+                or self._silent_ticks < RETIME_AFTER_SILENCE_S * FPS):
+            return
+        frames = retime_frames(self.scheduler.delay_s, self.current_delay_s())
+        first = self.scheduler.next_frame
+        if frames > 0:  # only frames that have arrived and are silent, words are never cut
+            frames = min(frames, self.scheduler.pending())
+            quiet = 0
+            while quiet < frames and self._is_silent(first + quiet):
+                quiet += 1
+            frames = quiet
+        elif frames < 0 and self.scheduler.pending() and not self._is_silent(first):
+            frames = 0  # a word is about to play: wait for the next pause
+        if frames:
+            self.scheduler.retime(frames)
+            self._last_retime = now
 
     def _emit(self, n: int, image: np.ndarray, audio: np.ndarray) -> None:
         # The engine's format: yuv420p (serve: what every encoder takes, nothing converted on
@@ -443,6 +510,13 @@ class AvatarSession:
             "output_delay_ms": round(1000 * self.scheduler.delay_s, 1),
             # the delay each of the last talk spurts started with (sized between spurts)
             "spurt_delays_ms": [round(1000 * d, 1) for d in self.scheduler.stats.spurt_delays],
+            # re-sizes of a playing spurt in pauses (frames: + skipped, - idle ticks added)
+            "retimed_frames": list(self.scheduler.stats.retimed),
+            # p99 of what speech frames needed beyond the summed terms (None: too few measured)
+            "need_ms": {f"p{q}": round(1000 * quantile(self._needs, q / 100), 1) for q in (50, 90, 99)}
+            if self._needs else None,
+            "need_excess_p99_ms": (round(1000 * self._need_excess.p99(), 1)
+                                   if len(self._need_excess) >= MIN_NEED_SAMPLES else None),
             "probes": self.probes,
             # the measured terms the delay is sized from (p99s over the recent past)
             "encoder_p99_ms": round(1000 * self._encoder_times.p99(), 1),

@@ -329,3 +329,33 @@ def test_encoder_catches_up_when_a_run_is_slower_than_the_hop():
     # far behind: never more than half the window per run (the rest stays left context)
     far = plan_window(100, 200, s, final=False, catch_up_hops=25)
     assert far.emit_to - far.emit_from == 20 and far.emit_from - far.start >= s.window_features // 2 - 5
+
+
+def test_delay_corrected_by_what_frames_needed_and_re_timed_in_whole_frames():
+    from realtime_avatar.delays import corrected_delay, retime_frames
+
+    assert corrected_delay(0.22, None, 0.08) == pytest.approx(0.22)  # too few frames measured
+    assert corrected_delay(0.22, -0.07, 0.08) == pytest.approx(0.15)  # the worst cases never met
+    assert corrected_delay(0.22, 0.03, 0.08) == pytest.approx(0.25)  # queueing the sum misses
+    assert corrected_delay(0.22, -0.5, 0.08) == pytest.approx(0.08)  # never below context + lookahead
+    assert retime_frames(0.30, 0.15) == 3  # skip 3 frames: 0.18 >= target
+    assert retime_frames(0.30, 0.27) == 0  # within a frame
+    assert retime_frames(0.30, 0.30) == 0
+    assert retime_frames(0.15, 0.21) == -2  # 2 idle ticks: 0.23 >= target
+    assert retime_frames(0.15, 0.151) == -1
+
+
+def test_scheduler_retime_skips_or_idles_whole_frames():
+    s = PlaybackScheduler(delay_s=0.2)
+    s.input_progress(10, now=1.0)
+    assert s.tick(1.0) is None  # anchored: frame 0 plays at 1.2
+    assert s.tick(1.2) == 0
+    assert s.retime(3) == 3  # frames 1..3 never play; frame 4 plays when frame 1 would have
+    assert s.delay_s == pytest.approx(0.08) and s.next_frame == 4 and s.due(4) == pytest.approx(1.24)
+    assert s.tick(1.24) == 4
+    assert s.retime(-2) == -2  # two idle ticks before frame 5
+    assert s.delay_s == pytest.approx(0.16) and s.due(5) == pytest.approx(1.36)
+    assert s.tick(1.28) is None and s.tick(1.32) is None and s.tick(1.36) == 5
+    assert s.retime(100) == 4  # only what is pending (6..9)
+    assert s.stats.retimed == [3, -2, 4]
+    assert PlaybackScheduler(0.2).retime(3) == 0  # no spurt playing

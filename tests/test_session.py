@@ -173,3 +173,35 @@ def test_idle_probes_size_the_next_spurt_for_the_load_that_came_after_start_up(r
     assert after >= before + 0.12, (before, after)  # the 150 ms of extra render time is in the delay
     before, after, probes = asyncio.run(go(0.0))  # probes off: the start-up figure stays
     assert probes == 0 and abs(after - before) < 0.02
+
+
+def test_a_microphone_session_is_re_sized_in_the_pauses_without_cutting_a_word(runtime, speech_then_silence):
+    # A microphone never stops sending: speech, 3 s of silence, the same speech again is ONE talk
+    # spurt. The session starts with a delay far too long (a start-up guess of 1.2 s of compute);
+    # once speech frames are measured, the pause between the words re-sizes it.
+    audio, rate = speech_then_silence
+    config = SessionConfig(streaming=StreamingConfig(window_s=1.0, hop_s=0.04, lookahead_s=0.04),
+                           compute_s=1.2, probe_interval_s=0.0)
+    session, ticks, stats = asyncio.run(run_session(runtime, np.concatenate([audio, audio]), rate, config))
+    print(stats)
+    assert len(stats["spurt_delays_ms"]) == 1  # one spurt from start to end: never re-anchored
+    start_delay = stats["spurt_delays_ms"][0]
+    assert start_delay >= 1200
+    moved = stats["retimed_frames"]
+    assert moved and sum(moved) >= 4, moved  # >= 160 ms taken off in the pauses
+    assert stats["need_excess_p99_ms"] is not None
+    # nothing but silence was skipped: every input frame with sound in its window played, in order
+    played = [t[1] for t in ticks if t[1] is not None]
+    assert played == sorted(set(played))
+    n_input = int(2 * len(audio) / rate * SAMPLE_RATE) // SAMPLES_PER_FRAME
+    skipped = set(range(n_input)) - set(played)
+    assert len(skipped) == sum(m for m in moved if m > 0)
+    assert skipped and all(session._is_silent(k) for k in skipped)
+    # the second word plays sooner after its audio than the first (ticks - input frame), and no
+    # word is stretched or cut: one offset per word
+    speech = [t for t in ticks if t[1] is not None and not session._is_silent(t[1])]
+    half = n_input // 2
+    offsets_first = {t[0] - t[1] for t in speech if t[1] < half}
+    offsets_second = {t[0] - t[1] for t in speech if t[1] >= half}
+    assert len(offsets_first) == 1 and len(offsets_second) == 1
+    assert offsets_first.pop() - offsets_second.pop() >= 4

@@ -6,8 +6,13 @@ Kept fast: a tiny model config, two short clips, a handful of steps.
 
 from __future__ import annotations
 
+import dataclasses
 import fractions
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import av
@@ -25,6 +30,7 @@ TINY = CompactConfig(
     latent_channels=4, unet_channels=(16, 32, 64), attention_heads=2, norm_groups=8,
     encoder_channels=(8, 16, 32), decoder_channels=(16, 8, 8),
 )  # fmt: skip
+ROOT = Path(__file__).resolve().parent.parent
 SEEDS = (0, 1)  # the first two training clips: what a run with --seed 0 --clips 2 uses
 
 
@@ -134,6 +140,69 @@ def test_cache_round_trip_and_stale_version(tmp_path, clip_cache):
     assert tr.ClipData.load(tmp_path / "missing.npz") is None
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     assert tr.ClipData.load(tmp_path / "bad.npz") is None
+
+
+def test_a_clip_is_re_heard_at_another_setting_without_the_teacher(tmp_path, clip_cache, encoder):
+    # benchmarks/study_window.py: every setting trains on the same clips; the teacher's frames are
+    # made once and only the audio windows are streamed again for the other settings
+    from export.dataset import default_generator
+    from realtime_avatar.streaming_whisper import StreamingConfig
+    from realtime_avatar.timing import AudioWindow
+
+    clip = load_cached(clip_cache)[0]
+    audio = default_generator().audio(SEEDS[0])
+    same = tr.hear_clip(clip, audio, SEEDS[0], encoder, subclips=2)  # the default setting: the same clip
+    assert np.abs(same.windows.astype(np.float32) - clip.windows.astype(np.float32)).max() < 0.01
+    assert [s for s, _ in same.subclips] == [s for s, _ in clip.subclips]
+    other = tr.hear_clip(clip, audio, SEEDS[0], encoder, 2, StreamingConfig(1.0, 0.04, 0.0),
+                         AudioWindow.with_right_context(0))
+    assert other.frames is clip.frames and other.windows.shape == clip.windows.shape
+    assert np.abs(other.windows.astype(np.float32) - clip.windows.astype(np.float32)).mean() > 0.01  # hears earlier audio
+    # the worker takes the other setting's file and writes the re-heard clip
+    hearing = (json.dumps(dataclasses.asdict(StreamingConfig(1.0, 0.04, 0.0))), AudioWindow.with_right_context(0).to_json())
+    tr._worker_encoder = encoder
+    path = tmp_path / "re-heard.npz"
+    tr._worker_prepare((SEEDS[0], "train", 2, str(path), "astronaut", *hearing, str(clip_cache / f"train-{SEEDS[0]:05d}.npz")))
+    again = tr.ClipData.load(path)
+    assert np.array_equal(again.frames, clip.frames) and np.allclose(again.windows, other.windows, atol=0.01)
+
+
+def test_a_run_at_another_setting_takes_its_clips_and_latents_from_another_run(tmp_path, clip_cache, capsys):
+    # python -m export.train --clips-from RUN: the teacher frames re-heard, the latents linked
+    import shutil
+
+    from realtime_avatar.timing import AudioWindow
+
+    source = tmp_path / "v2"
+    shutil.copytree(clip_cache, source / "clips")
+    (source / tr.LATENTS_FILE).write_bytes(b"latents")
+    settings = tiny_settings(tmp_path / "rc0", window=AudioWindow.with_right_context(0), clips_from=source)
+    clips = tr.load_clips(settings)
+    tagged = sorted(p.name for p in (tmp_path / "rc0" / "clips").glob("*.npz"))
+    assert tagged == [f"train-{s:05d}{tr.features_tag(settings.window, settings.streaming)}.npz" for s in SEEDS]
+    for clip, original in zip(clips, load_cached(clip_cache)):
+        assert np.array_equal(clip.frames, original.frames)
+        assert np.abs(clip.windows.astype(np.float32) - original.windows.astype(np.float32)).mean() > 0.01
+    tr._link_latents(source, tmp_path / "rc0")
+    assert (tmp_path / "rc0" / tr.LATENTS_FILE).read_bytes() == b"latents"
+    assert tr.main(["--out", str(tmp_path / "x"), "--unet-only"]) == 2
+    assert "--unet-only needs --init" in capsys.readouterr().err
+    assert tr.main(["--out", str(tmp_path / "x"), "--clips-from", str(tmp_path / "nowhere")]) == 2
+    assert "no clips/ folder" in capsys.readouterr().err
+
+
+def test_the_training_clock_does_not_count_a_stopped_process():
+    # A run paused with SIGSTOP (so that a benchmark gets the machine) keeps its --minutes.
+    code = ("import time, export.train as tr; tr.PAUSE_GAP_S = 1.0; t0 = tr.run_clock(); w0 = time.monotonic();"
+            "print('ready', flush=True); time.sleep(3.5); print(time.monotonic() - w0, tr.run_clock() - t0)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGSTOP)
+    time.sleep(2.5)
+    proc.send_signal(signal.SIGCONT)
+    wall, clock = map(float, proc.communicate(timeout=30)[0].split())
+    assert wall >= 3.4 and clock < wall - 1.5, (wall, clock)  # the 2.5 s stop is not counted
 
 
 # ---------------------------------------------------------------------------------- training
