@@ -128,6 +128,11 @@ class AvatarSettings:
     face_index: int | None = None  # --face N: the N-th face from the left in the first frame
     face_box: tuple[int, int, int, int] | None = None  # --face-box x,y,w,h in the first frame
     background: str = "#808080"  # transparent pixels are composited onto this (#rrggbb)
+    # image sources: the avatar rests with its lips together. A photo's open mouth (a smile with
+    # teeth) is closed by the procedural teacher before the idle cycle is made: the model takes
+    # its mouth reference from these frames and, on faces it never saw, copies an open one into
+    # silence (held-out faces, bench_lipsync: 5 of 20 smiling photos never closed).
+    close_mouth: bool = True
 
     def __post_init__(self) -> None:
         if self.max_seconds <= 0 or self.idle_seconds <= 0:
@@ -451,7 +456,22 @@ def _open_source(path: Path, settings: AvatarSettings) -> _Source:
     if lm is None:
         raise NoFaceError(path, 0)
     n = max(1, round(settings.idle_seconds * settings.fps)) if settings.idle_motion else 1
+    if settings.close_mouth:
+        image = _closed_mouth(image, lm)
     return _Source("image", iter(synthesize_idle_cycle(image, lm.points, n)), n, _face_box(lm.points))
+
+
+def _closed_mouth(image: np.ndarray, landmarks) -> np.ndarray:
+    """The photo with its mouth closed at rest (the teacher's neutral pose; only the lower face
+    changes). A face the teacher cannot work on is kept as it is, with a warning."""
+    from .teacher import MouthTeacher
+
+    try:
+        return MouthTeacher(image, landmarks).neutral
+    except (ValueError, cv2.error) as exc:
+        warnings.warn(f"the photo's mouth could not be closed for the avatar's rest pose ({exc}); "
+                      "it keeps the photo's own mouth", stacklevel=2)
+        return image
 
 
 def _face_box(points: np.ndarray) -> tuple[int, int, int, int]:
@@ -955,6 +975,10 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--idle-seconds", type=float, default=defaults.idle_seconds,
                         help=f"image sources: idle cycle length (default {defaults.idle_seconds:g})")
     parser.add_argument("--still", action="store_true", help="image sources: no idle motion (one frame)")
+    parser.add_argument("--keep-mouth", action="store_true",
+                        help="image sources: keep the photo's own mouth at rest (default: an open mouth, e.g. a "
+                             "smile with teeth, is closed by the procedural teacher, so the avatar listens with "
+                             "closed lips; on faces the model never saw it otherwise keeps them apart in silence)")
     parser.add_argument("--extra-margin", type=int, default=defaults.extra_margin,
                         help=f"pixels below the chin in the face box (default {defaults.extra_margin}, MuseTalk v1.5)")
     add_face_arguments(parser)
@@ -1005,6 +1029,7 @@ def prepare_main(args: argparse.Namespace) -> int:
         max_seconds=args.max_seconds,
         idle_seconds=args.idle_seconds,
         idle_motion=not args.still,
+        close_mouth=not args.keep_mouth,
         extra_margin=args.extra_margin,
     )
     out_dir = args.out if args.out is not None else default_avatar_dir(source, model)

@@ -467,8 +467,13 @@ class AvatarSession:
         elif frames < 0 and self.scheduler.pending() and not self._is_silent(first):
             frames = 0  # a word is about to play: wait for the next pause
         if frames:
+            before = self.scheduler.delay_s
             self.scheduler.retime(frames)
             self._last_retime = now
+            log.info("re-sized the playing spurt in a pause: %+d frames, output delay %.0f -> %.0f ms "
+                     "(speech frames' need p99 %.0f ms over %d)", -frames, 1000 * before,
+                     1000 * self.scheduler.delay_s, 1000 * quantile(self._needs, 0.99) if self._needs else 0,
+                     len(self._needs))
 
     def _emit(self, n: int, image: np.ndarray, audio: np.ndarray) -> None:
         # The engine's format: yuv420p (serve: what every encoder takes, nothing converted on

@@ -253,6 +253,27 @@ def test_prepare_from_image(tmp_path, astronaut_png, astronaut_bgr):
         av_.check_model(AvgPoolModel(tag="other"))
 
 
+def test_a_smiling_photo_rests_with_its_mouth_closed(tmp_path, astronaut_png):
+    # The astronaut smiles with her teeth showing. The avatar's frames (the model's mouth
+    # reference, and what silence shows) get the teacher's closed mouth; nothing else changes.
+    from realtime_avatar.face import detect_face_landmarks
+    from realtime_avatar.tuning import mouth_opening
+
+    still = dict(idle_motion=False)
+    closed = prepare_avatar(astronaut_png, tmp_path / "c", AvgPoolModel(), AvatarSettings(**still), progress=False)
+    as_shot = prepare_avatar(astronaut_png, tmp_path / "o", AvgPoolModel(), AvatarSettings(close_mouth=False, **still),
+                             progress=False)
+    frame_c, frame_o = np.asarray(closed.frames[0]), np.asarray(as_shot.frames[0])
+    gap_c = mouth_opening(detect_face_landmarks(frame_c).points)
+    gap_o = mouth_opening(detect_face_landmarks(frame_o).points)
+    assert gap_o > 0.02 and gap_c < 0.01, (gap_o, gap_c)  # evaluate.CLOSED_GAP: closed
+    points = detect_face_landmarks(frame_o).points
+    face_height = points[152, 1] - points[10, 1]  # chin - forehead top
+    above = int(points[1, 1] - 0.1 * face_height)  # landmark 1, the nose tip: the lip moves up to it
+    assert np.array_equal(frame_c[:above], frame_o[:above])  # the upper face is untouched
+    assert json.loads((tmp_path / "c" / "manifest.json").read_text())["settings"]["close_mouth"] is True
+
+
 def test_still_image_gives_one_frame(tmp_path, astronaut_png):
     av_ = prepare_avatar(astronaut_png, tmp_path / "a", AvgPoolModel(), AvatarSettings(idle_motion=False))
     assert av_.num_frames == 1 and av_.cycle_length == 2
@@ -433,7 +454,7 @@ def test_default_avatar_source_is_the_astronaut(tmp_path, monkeypatch, astronaut
 
 # -- field-report faults: where the face is, which face, transparency, odd sizes -----------------
 
-STILL = AvatarSettings(idle_motion=False)
+STILL = AvatarSettings(idle_motion=False, close_mouth=False)  # the pixels as shot: tests compare them
 
 
 @pytest.mark.parametrize("strip_side", ["right", "left"])
@@ -497,6 +518,7 @@ def test_prepare_cli_takes_face_and_background_options(tmp_path, astronaut_bgr):
     args = build_parser().parse_args(["prepare", "x.png", "--face-box", "220,20,180,220", "--background", "0,255,0"])
     settings = avatar_mod.settings_from_args(args)
     assert settings.face_box == (220, 20, 180, 220) and settings.background == "#00ff00"
+    assert not args.keep_mouth and build_parser().parse_args(["prepare", "x.png", "--keep-mouth"]).keep_mouth
     args = build_parser().parse_args(["serve", "--avatar", "x.png", "--face", "1"])
     assert avatar_mod.settings_from_args(args).face_index == 1
     bad = build_parser().parse_args(["prepare", "--background", "loud"])
@@ -517,7 +539,7 @@ def _rgba_with_loud_transparent_pixels(astronaut_bgr: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("background, bgr", [(None, (128, 128, 128)), ("#00ff00", (0, 255, 0))])
 def test_transparent_pixels_show_the_background_not_their_hidden_colour(tmp_path, astronaut_bgr, background, bgr, caplog):
     source = _write_png(tmp_path / "rgba.png", _rgba_with_loud_transparent_pixels(astronaut_bgr))
-    settings = STILL if background is None else AvatarSettings(idle_motion=False, background=background)
+    settings = STILL if background is None else AvatarSettings(idle_motion=False, close_mouth=False, background=background)
     with caplog.at_level("INFO", logger="realtime_avatar.avatar"):
         av_ = prepare_avatar(source, tmp_path / "a", AvgPoolModel(), settings)
     frame = np.asarray(av_.frames[0])
