@@ -517,9 +517,10 @@ class AvatarSession:
             "spurt_delays_ms": [round(1000 * d, 1) for d in self.scheduler.stats.spurt_delays],
             # re-sizes of a playing spurt in pauses (frames: + skipped, - idle ticks added)
             "retimed_frames": list(self.scheduler.stats.retimed),
-            # p99 of what speech frames needed beyond the summed terms (None: too few measured)
+            # the delay recent speech frames needed (ready - their audio's time on the input clock)
             "need_ms": {f"p{q}": round(1000 * quantile(self._needs, q / 100), 1) for q in (50, 90, 99)}
             if self._needs else None,
+            # p99 of what they needed beyond the summed terms (None: too few measured)
             "need_excess_p99_ms": (round(1000 * self._need_excess.p99(), 1)
                                    if len(self._need_excess) >= MIN_NEED_SAMPLES else None),
             "probes": self.probes,
