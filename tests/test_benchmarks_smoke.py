@@ -27,6 +27,26 @@ MAX_PNG_BYTES = 200 * 1024
 # --- pure helpers ---------------------------------------------------------------------------
 
 
+def test_window_study_picks_the_lowest_delay_within_005_of_the_best():
+    import study_window as sw
+
+    rows = [  # session 6's shape: the astronaut flat, the unseen faces far apart
+        {"setting": "rc80-la40", "designed_delay_ms": 160, "pearson_r": 0.877, "silence_closed": 1.0,
+         "faces_median_r": 0.934, "faces_silence_closed": 1.0},
+        {"setting": "rc80-la0", "designed_delay_ms": 120, "pearson_r": 0.852, "silence_closed": 1.0,
+         "faces_median_r": 0.926, "faces_silence_closed": 1.0},
+        {"setting": "rc40-la0", "designed_delay_ms": 80, "pearson_r": 0.841, "silence_closed": 1.0,
+         "faces_median_r": 0.743, "faces_silence_closed": 0.99},
+        {"setting": "rc0-la0", "designed_delay_ms": 40, "pearson_r": 0.70, "silence_closed": 1.0,
+         "faces_median_r": 0.60, "faces_silence_closed": 1.0},
+    ]
+    assert sw.choose(rows)["setting"] == "rc40-la0"  # on the astronaut: 0.841 >= 0.877 - 0.05
+    assert sw.choose(rows, prefix="faces_")["setting"] == "rc80-la0"  # on faces never seen
+    rows[1]["faces_silence_closed"] = 0.9  # a mouth that stays open in silence never qualifies
+    assert sw.choose(rows, prefix="faces_")["setting"] == "rc80-la40"
+    assert sw.choose([]) is None
+
+
 def test_summarize_matches_numpy_and_handles_empty():
     x = np.random.default_rng(0).exponential(10.0, 1000)
     s = common.summarize(x, digits=6)
