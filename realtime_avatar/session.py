@@ -244,18 +244,20 @@ class AvatarSession:
         (delays.corrected_delay)."""
         if not self.config.adaptive:
             return self.config.output_delay_s
-        excess = self._need_excess.p99() if len(self._need_excess) >= MIN_NEED_SAMPLES else None
         floor = self.config.window.right_context_s + self.config.streaming.lookahead_s
-        return corrected_delay(self._summed_delay_s(), excess, floor)
+        # too few frames measured: the tracker's default 0.0, i.e. the sum alone
+        return corrected_delay(self._summed_delay_s(), self._need_excess.p99(), floor)
 
-    def _frame_ready(self, frame: int, now: float) -> None:
-        """A speech frame is rendered (or found too late to be): note what delay it needed, from
-        the time its audio was due on the input's clock (its play time - the spurt's delay)."""
-        due = self.scheduler.due(frame)
-        if due is not None and frame >= self.scheduler.anchor_frame:  # not a frame of an earlier spurt
-            needed = now - (due - self.scheduler.delay_s)
-            self._needs.append(needed)
-            self._need_excess.add(needed - self._summed_delay_s())
+    def _frames_ready(self, frames: list[int], now: float) -> None:
+        """Speech frames are rendered (or found too late to be): note what delay each needed,
+        from the time its audio was due on the input's clock (its play time - the spurt's delay)."""
+        summed = self._summed_delay_s()  # once per batch: two p99 sorts, not two per frame
+        for frame in frames:
+            due = self.scheduler.due(frame)
+            if due is not None and frame >= self.scheduler.anchor_frame:  # not a frame of an earlier spurt
+                needed = now - (due - self.scheduler.delay_s)
+                self._needs.append(needed)
+                self._need_excess.add(needed - summed)
 
     def end_of_input(self) -> None:
         """The speaker's stream ended: the last frames are released, then the avatar idles."""
@@ -341,10 +343,9 @@ class AvatarSession:
             # Frames the clock has already passed are not worth rendering (we are behind).
             fresh = [fa for fa in batch if fa.index >= self.scheduler.next_frame]
             self.stale_frames += len(batch) - len(fresh)
-            now = time.monotonic()
-            for fa in batch:
-                if fa.index < self.scheduler.next_frame and not self._is_silent(fa.index):
-                    self._frame_ready(fa.index, now)  # it needed at least this much
+            # a stale speech frame needed at least this much
+            self._frames_ready([fa.index for fa in batch if fa.index < self.scheduler.next_frame
+                                and not self._is_silent(fa.index)], time.monotonic())
             speech = []
             for fa in fresh:
                 if self._is_silent(fa.index):
@@ -363,8 +364,7 @@ class AvatarSession:
             spent = done - t0
             self._render_times.add(spent)
             self._frame_times.add(spent / len(speech))
-            for fa in speech:
-                self._frame_ready(fa.index, done)
+            self._frames_ready([fa.index for fa in speech], done)
             if self.metrics_sink is not None:
                 self.metrics_sink.observe_render(len(poses), spent)
             for fa, image in zip(speech, images):
