@@ -4,6 +4,9 @@
     python benchmarks/bench_tuning.py                                  # 20 faces x (5 + 10) min: ~5.5 h
     python benchmarks/bench_tuning.py --faces men/90 women/55 --clips 2 --json tuning.json
 
+--json is written after every face, and a run given an existing --json skips the faces in it:
+the whole measurement is longer than a working session, so it is taken in parts.
+
 Per face and stage: r of mediapipe's lip gap against the teacher's jaw curve, the speech lip gap
 relative to the teacher's, silent frames closed, upper-half PSNR (export.evaluate.evaluate_face,
 held-out speech: sentences, voices and rates tuning never uses). Target of the any-face issue:
@@ -60,7 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     cache = avatar_cache_root() / "bench-tuning-faces"
     seeds = list(range(FIRST_FACE_SEED, FIRST_FACE_SEED + args.clips))
     rows = []
+    if args.json and args.json.exists():  # a measurement that spans sessions: keep the faces done
+        rows = json.loads(args.json.read_text())["faces"]
+        print(f"bench_tuning: {len(rows)} faces already in {args.json}, measuring the rest", file=sys.stderr)
+    done_faces = {row["face"] for row in rows}
     for person in people:
+        if person.name in done_faces:
+            continue
         avatar = prepare_face_avatar(person.path, base, cache, args.idle_seconds)
         row = {"face": person.name, "stages": {}}
         row["stages"]["0"] = dataclasses.asdict(evaluate_face(base, encoder, avatar, person.name, seeds))
@@ -73,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             score = evaluate_face(model, encoder, avatar, person.name, seeds)
             row["stages"][f"{minutes:g}"] = dataclasses.asdict(score) | {"steps": result.steps, "frames": result.frames}
         rows.append(row)
+        if args.json:  # after every face: a run stopped half-way keeps what it measured
+            write_json(args.json, rows, args.stages)
         print(json.dumps({"face": person.name, **{k: round(v["pearson_r"], 3) for k, v in row["stages"].items()}}),
               flush=True)
     stages = ["0"] + [f"{m:g}" for m in sorted(args.stages)]
@@ -81,12 +92,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['face']:<10}" + "".join(
             f"{row['stages'][s]['pearson_r']:>9.3f}{row['stages'][s]['gap_ratio']:>9.2f}"
             f"{row['stages'][s]['silence_closed']:>11.3f}" for s in stages))
-    medians = {s: float(np.median([r["stages"][s]["pearson_r"] for r in rows])) for s in stages}
+    medians = median_r(rows, args.stages)
     print("median r: " + ", ".join(f"{s} min {v:.3f}" for s, v in medians.items())
           + f"  (target after 15 min: >= 0.85)")
-    if args.json:
-        args.json.write_text(json.dumps({"faces": rows, "median_r": medians}, indent=1))
     return 0
+
+
+def median_r(rows: list[dict], stages: list[float]) -> dict[str, float]:
+    keys = ["0"] + [f"{m:g}" for m in sorted(stages)]
+    return {k: float(np.median([r["stages"][k]["pearson_r"] for r in rows])) for k in keys}
+
+
+def write_json(path: Path, rows: list[dict], stages: list[float]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"faces": rows, "median_r": median_r(rows, stages)}, indent=1))
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

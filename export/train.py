@@ -45,7 +45,6 @@ import json
 import logging
 import os
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +66,7 @@ from realtime_avatar.losses import (  # noqa: F401 (shared with per-avatar tunin
     loss_weight_map,
 )
 from realtime_avatar.models.base import MASKED_ROWS_FROM, PATCH_SIZE
+from realtime_avatar.pause_clock import run_clock
 from realtime_avatar.models.compact import CompactConfig, CompactModel, CompactNet, count_parameters
 from realtime_avatar.streaming_whisper import LOW_LATENCY, StreamingConfig, stream_features
 from realtime_avatar.models.audio_contract import AudioContract
@@ -150,49 +150,6 @@ class TrainSettings:
         return d
 
 
-# ------------------------------------------------------------------------------------ the clock
-
-PAUSE_BEAT_S = 0.5  # the heartbeat's period
-PAUSE_GAP_S = 5.0  # a beat this late means the process was stopped, not merely busy
-
-
-class _PauseAwareClock:
-    """Monotonic seconds that do not advance while the process is stopped (SIGSTOP, Ctrl+Z, a
-    machine asleep): a daemon thread beats every PAUSE_BEAT_S; a beat more than PAUSE_GAP_S late
-    and the process used next to no CPU meanwhile means it was stopped, and the gap is taken off
-    (a long C call that holds the GIL also delays the beat, but burns CPU all along). A run
-    paused so that a benchmark gets the machine keeps its whole --minutes of training (budgets
-    and the learning-rate schedule follow this clock)."""
-
-    def __init__(self):
-        self._paused = 0.0
-        self._last = time.monotonic()
-        self._last_cpu = time.process_time()
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-
-    def _beat(self) -> None:
-        while True:
-            time.sleep(PAUSE_BEAT_S)
-            self._settle()
-
-    def _settle(self) -> None:
-        with self._lock:
-            now, cpu = time.monotonic(), time.process_time()
-            gap, used = now - self._last, cpu - self._last_cpu
-            if gap > PAUSE_GAP_S and used < 0.5 * gap:
-                self._paused += gap - PAUSE_BEAT_S
-            self._last, self._last_cpu = now, cpu
-
-    def __call__(self) -> float:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._beat, name="train-clock", daemon=True)
-            self._thread.start()
-        self._settle()  # a stop that ended just now counts before the caller reads the time
-        return time.monotonic() - self._paused
-
-
-run_clock = _PauseAwareClock()
 
 
 # ---------------------------------------------------------------------------------------- data

@@ -50,6 +50,7 @@ from realtime_avatar.face import (
     FaceLandmarks,
     detect_face_landmarks,
 )
+from realtime_avatar.pause_clock import run_clock
 from realtime_avatar.visemes import MouthPose, VisemeCurves
 
 log = logging.getLogger(__name__)
@@ -447,7 +448,8 @@ def tune_avatar(
     avatar, base_model, encoder, settings: TuneSettings, *, progress: bool = True,
     start_from=None, on_step: Callable[[int], None] | None = None,
 ) -> TuneResult:
-    """Fine-tune a copy of `base_model` (a CompactModel) on `avatar` for settings.minutes.
+    """Fine-tune a copy of `base_model` (a CompactModel) on `avatar` for settings.minutes (by
+    `run_clock`: time the process spends stopped, Ctrl+Z or SIGSTOP, is not counted).
 
     encoder: the Whisper encoder the runtime uses. start_from: a CompactModel to continue from
     (default: the base). Writes <avatar>/tuned/ every settings.checkpoint_seconds and at the
@@ -464,7 +466,7 @@ def tune_avatar(
     if not isinstance(base_model, CompactModel):
         raise TuningError(f"tuning needs a compact model (the default family), not {base_model.model_id}")
     torch.set_num_threads(settings.threads)
-    started = time.monotonic()
+    started = run_clock()
     budget = settings.minutes * 60.0
     check = check_avatar(avatar)
     config, offline = model_streaming_config(base_model)
@@ -479,12 +481,12 @@ def tune_avatar(
     data_budget = settings.data_share * budget
     bar = tqdm(total=settings.max_clips, desc="teacher clips", unit="clip", disable=not progress, leave=False)
     try:
-        while len(clips) < settings.max_clips and (len(clips) < 2 or time.monotonic() - started < data_budget):
+        while len(clips) < settings.max_clips and (len(clips) < 2 or run_clock() - started < data_budget):
             clips.append(make_tuning_clip(avatar, teacher, clip_features, rng, model_audio_contract(base_model).window))
             bar.update(1)
     except KeyboardInterrupt:
         bar.close()
-        return TuneResult(None, 0, 0, time.monotonic() - started, len(clips), 0, True, check)
+        return TuneResult(None, 0, 0, run_clock() - started, len(clips), 0, True, check)
     bar.close()
     avatar_frames = np.concatenate([c.avatar_frames for c in clips])
     windows = torch.from_numpy(np.concatenate([c.windows for c in clips]).astype(np.float32))
@@ -503,16 +505,16 @@ def tune_avatar(
     ]
     optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=1e-4, betas=(0.9, 0.99))
     weight, latent_weight = loss_weight_map(), latent_weight_map()
-    log.info("tuning on %d clips, %d frames (%.0f s of data)", len(clips), len(targets), time.monotonic() - started)
+    log.info("tuning on %d clips, %d frames (%.0f s of data)", len(clips), len(targets), run_clock() - started)
 
     # -- fine-tuning until the budget is spent
-    train_start = time.monotonic()
+    train_start = run_clock()
     # Training gets what is left, but at least half the budget: on a busy machine the teacher
     # clips can take longer than planned, and a run that then trains for a few steps is useless
     # (the total may then exceed --tune's minutes; the result reports the real time).
     train_budget = max(budget - (train_start - started), 0.5 * budget)
     steps, saved_step, path, interrupted = 0, 0, None, False
-    last_save = time.monotonic()
+    last_save = run_clock()
     # every checkpoint_seconds, or a tenth of the budget when that is shorter (a short run
     # interrupted half-way still keeps something)
     checkpoint_every = min(settings.checkpoint_seconds, budget / 10)
@@ -522,8 +524,8 @@ def tune_avatar(
                disable=not progress, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} s {postfix}")
     running = []
     try:
-        while time.monotonic() - train_start < train_budget and (settings.max_steps is None or steps < settings.max_steps):
-            progress_share = (time.monotonic() - train_start) / train_budget
+        while run_clock() - train_start < train_budget and (settings.max_steps is None or steps < settings.max_steps):
+            progress_share = (run_clock() - train_start) / train_budget
             lr = cosine_lr(settings.lr, progress_share)
             for g in optimizer.param_groups:
                 g["lr"] = lr * g["scale"]
@@ -540,10 +542,10 @@ def tune_avatar(
             running.append(float(loss.detach()))
             if on_step is not None:
                 on_step(steps)
-            if time.monotonic() - last_save >= checkpoint_every:
+            if run_clock() - last_save >= checkpoint_every:
                 path = save_tuned(avatar, net, base_model, info | {"steps": steps, "final": False})
-                saved_step, last_save = steps, time.monotonic()
-            bar.n = min(int(time.monotonic() - train_start), bar.total)
+                saved_step, last_save = steps, run_clock()
+            bar.n = min(int(run_clock() - train_start), bar.total)
             bar.set_postfix_str(f"step {steps} loss {np.mean(running[-20:]):.4f}", refresh=False)
             bar.refresh()
     except KeyboardInterrupt:
@@ -553,7 +555,7 @@ def tune_avatar(
     if not interrupted:
         path = save_tuned(avatar, net, base_model, info | {"steps": steps, "final": True})
         saved_step = steps
-    return TuneResult(path, steps, saved_step, time.monotonic() - started, len(clips), int(len(targets)),
+    return TuneResult(path, steps, saved_step, run_clock() - started, len(clips), int(len(targets)),
                       interrupted, check)
 
 

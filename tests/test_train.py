@@ -193,7 +193,7 @@ def test_a_run_at_another_setting_takes_its_clips_and_latents_from_another_run(t
 
 def test_the_training_clock_does_not_count_a_stopped_process():
     # A run paused with SIGSTOP (so that a benchmark gets the machine) keeps its --minutes.
-    code = ("import time, export.train as tr; tr.PAUSE_GAP_S = 1.0; t0 = tr.run_clock(); w0 = time.monotonic();"
+    code = ("import time, realtime_avatar.pause_clock as tr; tr.PAUSE_GAP_S = 1.0; t0 = tr.run_clock(); w0 = time.monotonic();"
             "print('ready', flush=True); time.sleep(3.5); print(time.monotonic() - w0, tr.run_clock() - t0)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     assert proc.stdout.readline().strip() == "ready"
