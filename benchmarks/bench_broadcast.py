@@ -133,7 +133,7 @@ async def scenario(args, tmp: Path) -> dict:
     command = [sys.executable, "-m", "realtime_avatar.cli", "serve", "--port", str(port),
                "--broadcast", "broadcast", "--rtmp", nginx.url("avatar"), "--janus", janus.url,
                "--room", str(ROOM), "--max-viewers", str(args.viewers + 5),
-               "--whep-encode", args.whep_encode] + (["--threads", str(args.serve_threads)] if args.serve_threads else [])
+               "--whep-encode", args.whep_encode, "--whep-peers", args.whep_peers] + (["--threads", str(args.serve_threads)] if args.serve_threads else [])
     server_nice = (lambda: os.setpriority(os.PRIO_PROCESS, 0, 0)) if args.clients_nice else None
     proc = subprocess.Popen(command, cwd=common.REPO, preexec_fn=server_nice, stdout=subprocess.DEVNULL, stderr=open(tmp / "serve.log", "w"))
     result: dict = {"command": "realtime-avatar " + " ".join(command[3:])}
@@ -161,7 +161,7 @@ async def scenario(args, tmp: Path) -> dict:
                     sys.executable, "-m", "tests.whep_viewers", *target, "--via", args.via, "--viewers", str(crowd_n),
                     "--audio", "0", "--warmup", "3", "--measure", f"{args.utterances * (tts_s + PAUSE_S) + 1:.2f}",
                     "--count-only",
-                    cwd=common.REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+                    cwd=common.REPO, stdout=asyncio.subprocess.PIPE, stderr=open(tmp / "crowd.log", "w"))
                 await asyncio.wait_for(crowd.stdout.readline(), 120)  # joined
             received = Received()
             janus_session, janus_pc = await subscribe(http, janus.url, ROOM, received)
@@ -187,7 +187,11 @@ async def scenario(args, tmp: Path) -> dict:
             async with http.get(f"{url}/sessions/broadcast/stats") as r:
                 stats = await r.json()
             fps = [v.fps(t0, t1) for v in decoding]
-            crowd_out = json.loads(await asyncio.wait_for(crowd.stdout.readline(), 120)) if crowd else {"fps": []}
+            line = await asyncio.wait_for(crowd.stdout.readline(), 120) if crowd else b'{"fps": []}'
+            if not line.strip():
+                raise RuntimeError("the viewer crowd failed:\n" + (tmp / "crowd.log").read_text()[-3000:]
+                                   + "\nserve's log:\n" + (tmp / "serve.log").read_text()[-3000:])
+            crowd_out = json.loads(line)
             if crowd:
                 await crowd.wait()
             all_fps = fps + crowd_out["fps"]
@@ -266,6 +270,8 @@ def main() -> int:
                              "Janus room the server publishes into (the SFU path: the server sends one stream)")
     parser.add_argument("--whep-encode", choices=("shared", "per-viewer"), default="shared",
                         help="serve's --whep-encode (default shared: one VP8 encode for all viewers)")
+    parser.add_argument("--whep-peers", choices=("process", "inline"), default="process",
+                        help="serve's --whep-peers: the viewers' peer connections in a child process or inline")
     args = parser.parse_args()
     if args.clients_nice and os.geteuid() != 0:
         parser.error("--clients-nice needs root: serve is started at nice 0 below its clients")

@@ -50,6 +50,7 @@ class BroadcastOptions:
     max_viewers: int = DEFAULT_MAX_VIEWERS
     broadcast_session: str | None = None  # create this API session at start (e.g. "broadcast")
     whep_shared_encode: bool = True  # one VP8 encode for all WHEP viewers (False: one per viewer)
+    whep_peers: str = "process"  # viewers' peer connections in a child process (whep_process.py); "inline": here
 
     def __post_init__(self):
         if self.rtmp_url is not None:
@@ -155,7 +156,7 @@ class Broadcaster:
         self.sessions: dict[str, BroadcastSession] = {}
         self.peer_outputs: dict[str, SessionOutputsRunner] = {}
         self.whep = WhepEndpoint(self.resolve, max_viewers=options.max_viewers, authorized=server._authorized,
-                                 shared_encode=options.whep_shared_encode)
+                                 shared_encode=options.whep_shared_encode, peers=options.whep_peers)
         self.whep.ice_addresses = server.ice_addresses  # like the server's own peers (--host)
         server.extra_sessions = self.sessions  # the shared /sessions/<id> routes find them there
         server.peer_hooks.append(self._on_peer)

@@ -254,7 +254,8 @@ def _broadcast_options(args):
         print("note: --broadcast without --rtmp/--janus: watch it at /watch/" + args.broadcast, file=sys.stderr)
     return BroadcastOptions(rtmp_url=args.rtmp, rtmp_sessions=args.rtmp_sessions, janus_url=args.janus,
                             janus_room=args.room, max_viewers=args.max_viewers,
-                            broadcast_session=args.broadcast, whep_shared_encode=args.whep_encode == "shared")
+                            broadcast_session=args.broadcast, whep_shared_encode=args.whep_encode == "shared",
+                            whep_peers=args.whep_peers)
 
 
 def cmd_serve(args) -> int:
@@ -493,6 +494,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'shared' (default): a session's video is VP8-encoded once for all its WHEP viewers "
                         "(fixed 1 Mbit/s); 'per-viewer': aiortc's own encoder per viewer (adapts to each "
                         "viewer's bandwidth, costs one encode per viewer)")
+    g.add_argument("--whep-peers", choices=("process", "inline"), default="process",
+                   help="where WHEP viewers' peer connections run: 'process' (default) in one child process fed "
+                        "the shared VP8/Opus packets, so their RTP/SRTP work is off the event loop that drives "
+                        "the sessions; 'inline': in the serving process")
     _model_args(p)
     _device_args(p)
     p.set_defaults(func=cmd_serve)

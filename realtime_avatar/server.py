@@ -158,6 +158,12 @@ def install_ice_address_hook() -> None:
     aioice.ice.get_host_addresses = _host_addresses_with_loopback
 
 
+def loopback_candidates_included() -> bool:
+    """Whether include_loopback_candidates() was called in this process (a child process that
+    negotiates peers for this server, whep_process.py, does as it does)."""
+    return _loopback_candidates
+
+
 def include_loopback_candidates() -> None:
     """Make aioice offer a 127.0.0.1 host candidate as well as the machine's other addresses.
 

@@ -7,6 +7,11 @@ the avatar is rendered once, and its video and audio are encoded once for all vi
 VP8 and Opus (shared_encode.py; a viewer without them gets its own encoder).
 For audiences beyond a few dozen viewers per machine, publish into an SFU instead (janus.py).
 
+Where the viewers' peer connections live: `peers="process"` (serve's default) puts them in a
+child process fed the shared packets (whep_process.py), so that 20 viewers' RTP and SRTP work
+is not done on the event loop that drives the sessions; `peers="inline"` keeps them in this
+process (also what a viewer that does not take VP8 and Opus always gets: its own encoders).
+
 A viewer is cut off alone when its connection fails or closes, when it is not connected within
 `connect_timeout_s` of its answer (it never started reading), or when its session ends.
 """
@@ -22,13 +27,22 @@ from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
 from .fanout import SHARED_CODECS, SessionOutputs, add_shared_track
-from .server import OfferError, PtimeAudioTrack, error_response, ice_gathering_on, parse_offer_sdp
+from .server import (
+    OfferError,
+    PtimeAudioTrack,
+    error_response,
+    ice_gathering_on,
+    loopback_candidates_included,
+    parse_offer_sdp,
+)
+from .whep_process import ViewerProcessError, WhepPeerProcess
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_VIEWERS = 50  # per server; beyond that, an SFU (--janus)
 CONNECT_TIMEOUT_S = 10.0
 RECEIVE_DIRECTIONS = ("recvonly", "sendrecv")
+PEERS = ("process", "inline")
 
 
 def check_viewer_offer(sdp: str) -> dict[str, bool]:
@@ -45,10 +59,10 @@ def check_viewer_offer(sdp: str) -> dict[str, bool]:
 
 
 class WhepViewer:
-    def __init__(self, viewer_id: str, channel: str, pc: RTCPeerConnection):
+    def __init__(self, viewer_id: str, channel: str, pc: RTCPeerConnection | None):
         self.id = viewer_id
         self.channel = channel
-        self.pc = pc
+        self.pc = pc  # None: the viewer's peer is in the viewer process
         self.close_reason: str | None = None
         self.proxies: list = []  # relay proxies this viewer reads; stopped when it leaves
         self._closing: asyncio.Task | None = None
@@ -61,8 +75,13 @@ class WhepEndpoint:
 
     def __init__(self, resolve: Callable[[str], SessionOutputs | None], *,
                  max_viewers: int = DEFAULT_MAX_VIEWERS, connect_timeout_s: float = CONNECT_TIMEOUT_S,
-                 authorized: Callable[[web.Request], bool] = lambda request: True, shared_encode: bool = True):
+                 authorized: Callable[[web.Request], bool] = lambda request: True, shared_encode: bool = True,
+                 peers: str = "process"):
+        if peers not in PEERS:
+            raise ValueError(f"peers must be one of {PEERS}, not {peers!r}")
         self.resolve = resolve
+        self.peers = peers
+        self.process: WhepPeerProcess | None = None  # started with the first viewer it takes
         self.shared_encode = shared_encode  # False: one VP8 encoder per viewer (aiortc's own)
         self.max_viewers = max_viewers
         self.connect_timeout_s = connect_timeout_s
@@ -83,6 +102,11 @@ class WhepEndpoint:
         if len(self.viewers) + self._negotiating >= self.max_viewers:
             raise OfferError(503, f"{self.max_viewers} viewers already: publish to an SFU (--janus) for more")
         self._negotiating += 1
+        wanted = {m.kind for m in parse_offer_sdp(offer_sdp).media
+                  if m.kind in ("audio", "video") and m.direction in RECEIVE_DIRECTIONS}
+        if self.peers == "process" and self.shared_encode and all(takes.get(kind) for kind in wanted):
+            self._negotiating -= 1  # from here the viewer is counted in self.viewers
+            return await self._answer_in_process(channel, outputs, offer_sdp, wanted)
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         viewer = WhepViewer(uuid.uuid4().hex, channel, pc)
         try:
@@ -119,6 +143,29 @@ class WhepEndpoint:
         log.info("whep viewer %s watching %s (%d viewers)", viewer.id, channel, len(self.viewers))
         return viewer, pc.localDescription.sdp
 
+    async def _answer_in_process(self, channel: str, outputs: SessionOutputs, offer_sdp: str,
+                                 kinds: set[str]) -> tuple[WhepViewer, str]:
+        if self.process is None:
+            self.process = WhepPeerProcess(ice_addresses=self.ice_addresses,
+                                           loopback_candidates=loopback_candidates_included(),
+                                           on_viewer_closed=self._closed_in_process)
+        viewer = WhepViewer(uuid.uuid4().hex, channel, None)
+        self.viewers[viewer.id] = viewer  # before the answer: the process may report it closed at once
+        try:
+            answer = await self.process.add_viewer(channel, outputs, viewer.id, offer_sdp, kinds, self.connect_timeout_s)
+        except ViewerProcessError as exc:
+            self.viewers.pop(viewer.id, None)
+            raise OfferError(exc.status, exc.message) from None
+        self.viewers_total += 1
+        log.info("whep viewer %s watching %s (%d viewers, viewer process)", viewer.id, channel, len(self.viewers))
+        return viewer, answer
+
+    def _closed_in_process(self, viewer_id: str, reason: str) -> None:
+        viewer = self.viewers.pop(viewer_id, None)
+        if viewer is not None:
+            viewer.close_reason = viewer.close_reason or reason
+            log.info("whep viewer %s of %s leaves: %s", viewer.id, viewer.channel, reason)
+
     async def _watch(self, viewer: WhepViewer) -> None:
         await asyncio.sleep(self.connect_timeout_s)
         if viewer.pc.connectionState != "connected":
@@ -137,8 +184,11 @@ class WhepEndpoint:
             viewer._watchdog.cancel()
         await self._shutdown(viewer)
 
-    @staticmethod
-    async def _shutdown(viewer: WhepViewer) -> None:
+    async def _shutdown(self, viewer: WhepViewer) -> None:
+        if viewer.pc is None:
+            if self.process is not None:
+                await self.process.remove_viewer(viewer.id)
+            return
         for proxy in viewer.proxies:
             proxy.stop()  # leaves the relay (a buffered proxy nobody reads would grow forever)
         try:
@@ -147,12 +197,16 @@ class WhepEndpoint:
             log.exception("whep viewer %s: closing the peer connection failed", viewer.id)
 
     async def close_channel(self, channel: str, reason: str = "session ended") -> None:
+        if self.process is not None:
+            await self.process.end_channel(channel)
         await asyncio.gather(*(asyncio.shield(self.schedule_close(v, reason))
                                for v in list(self.viewers.values()) if v.channel == channel))
 
     async def close_all(self) -> None:
         await asyncio.gather(*(asyncio.shield(self.schedule_close(v, "server shutdown"))
                                for v in list(self.viewers.values())))
+        if self.process is not None:
+            await self.process.close()
 
     # -- HTTP ----------------------------------------------------------------------------------
 

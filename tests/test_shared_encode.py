@@ -148,7 +148,8 @@ def _app(shared: bool = True):
     async def factory():
         return LoopbackSession(size=96)
 
-    return create_app(factory, broadcast=BroadcastOptions(max_viewers=10, whep_shared_encode=shared))
+    # inline peers: the test reads the server-side peer connections (the viewer process has its own test)
+    return create_app(factory, broadcast=BroadcastOptions(max_viewers=10, whep_shared_encode=shared, whep_peers="inline"))
 
 
 class H264Viewer(Viewer):
