@@ -241,7 +241,8 @@ class WhepPeerProcess:
         if self._closing:
             return  # close() waits for the child to exit by itself
         if self._proc is not None and self._proc.returncode is None:
-            self._proc.kill()
+            with contextlib.suppress(ProcessLookupError):  # exited, not reaped yet
+                self._proc.kill()
         for future in self._requests.values():
             if not future.done():
                 future.set_result({"op": "error", "status": 503, "message": "the WHEP viewer process exited"})
@@ -524,6 +525,10 @@ class ViewerHost:
             viewer.watchdog.cancel()
         for track in viewer.tracks:
             track.stop()
+        if not any(v.channel == viewer.channel for v in self.viewers.values()):
+            # its last viewer: the serving side stops feeding it (packets for it are ignored)
+            for index in [i for i, c in self.channels.items() if c.name == viewer.channel]:
+                del self.channels[index]
         try:
             await asyncio.wait_for(viewer.pc.close(), 5.0)
         except Exception:
