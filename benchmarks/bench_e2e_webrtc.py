@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import sys
 import tempfile
 import time
@@ -37,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 from common import FRAME_MS  # noqa: E402
+
+from realtime_avatar.runtime import freeze_startup_objects  # noqa: E402
 
 from export.evaluate import CLOSED_GAP, measure_openings  # noqa: E402
 
@@ -480,6 +483,10 @@ def markdown(result: dict) -> str:
     text += (f"\nDesign: output delay {d['output_delay_ms']:.0f} ms (started at {d['start_output_delay_ms']:.0f}) = right "
              f"context {d['window_right_context_ms']:.0f} + lookahead {d['lookahead_ms']:.0f} + hop {d['hop_ms']:.0f} + "
              f"{budget}; receivers: {result['settings'].get('receivers')}\n")
+    pauses = result.get("gc_pauses_ms")
+    if pauses:
+        text += (f"GC pauses during the run (startup objects {'frozen' if result['settings'].get('gc_freeze') else 'not frozen'}): "
+                 + ", ".join(f"{g} {p['n']} (max {p['max']} ms)" for g, p in pauses.items()) + "\n")
     return text
 
 
@@ -509,6 +516,36 @@ def plot(result: dict, plots: Path | None) -> list[str]:
     return [p for p in [common.save_figure(fig, plots, "e2e_webrtc")] if p]
 
 
+class GcPauses:
+    """Times every garbage collection while active (gc.callbacks): the collector holds the GIL,
+    so a pause stalls the event loop, the encoder and the render together."""
+
+    def __init__(self):
+        self.pauses: list[tuple[int, float]] = []  # (generation, ms)
+        self._start = 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.pauses.append((info["generation"], 1000 * (time.perf_counter() - self._start)))
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def summary(self) -> dict:
+        out = {}
+        for generation in (0, 1, 2):
+            ms = [p for g, p in self.pauses if g == generation]
+            out[f"gen{generation}"] = {"n": len(ms), "max": round(max(ms), 1) if ms else 0.0,
+                                       "total": round(sum(ms), 1)}
+        return out
+
+
 def run(args: argparse.Namespace, bench: common.BenchRuntime | None = None) -> dict:
     bench = bench or common.load_bench_runtime(args.quick, threads=args.threads, backend=args.backend,
                                               frame_format="auto")  # as serve
@@ -520,7 +557,10 @@ def run(args: argparse.Namespace, bench: common.BenchRuntime | None = None) -> d
     config = bench.runtime.session_config(args.session_batch, render_budget_s=args.render_budget)
     if args.hop is not None:
         config = dataclasses.replace(config, streaming=dataclasses.replace(config.streaming, hop_s=args.hop))
-    raw = asyncio.run(run_loopback(bench, signal, config, tail_s=config.output_delay_s + 0.6))
+    if not args.no_gc_freeze:
+        freeze_startup_objects()  # as serve does
+    with GcPauses() as gc_pauses:
+        raw = asyncio.run(run_loopback(bench, signal, config, tail_s=config.output_delay_s + 0.6))
     # a frame plays output_delay after its audio arrived, and its window hears (last+1) features ahead
     lead = (config.window.last + 1) * SAMPLES_PER_FEATURE / SAMPLE_RATE
     analysis = analyse(raw, signal, bench.runtime, max(0.0, config.output_delay_s - lead))
@@ -535,7 +575,8 @@ def run(args: argparse.Namespace, bench: common.BenchRuntime | None = None) -> d
     result["settings"] = {"words": words, "gap_s": GAP_S, "session_batch": args.session_batch,
                           "render_budget_s": args.render_budget, "hop_s": config.streaming.hop_s,
                           "receivers": "aiortc stock" if args.stock_receivers else "frame-end (rtc_receive)",
-                          "signal_s": round(signal.seconds, 2)}
+                          "signal_s": round(signal.seconds, 2), "gc_freeze": not args.no_gc_freeze}
+    result["gc_pauses_ms"] = gc_pauses.summary()
     result["summary"] = summarise(analysis, config, raw)
     result.update({k: v for k, v in analysis.items()})
     result["events"] = [{k: (round(v, 1) if isinstance(v, float) else v) for k, v in e.items()}
@@ -553,6 +594,9 @@ def parser() -> argparse.ArgumentParser:
                    help="fixed seconds the session allows for encoder + render + jitter before a frame is late "
                         "(default: sized from measured p99 compute and input jitter, as serve does)")
     p.add_argument("--hop", type=float, default=None, help="encoder hop in seconds (default: serve's, <= 0.04)")
+    p.add_argument("--no-gc-freeze", action="store_true",
+                   help="leave the startup objects in the garbage collector's generations (serve freezes "
+                        "them: see runtime.freeze_startup_objects)")
     p.add_argument("--stock-receivers", action="store_true",
                    help="leave aiortc's receive jitter buffers as they are (measures what rtc_receive saves)")
     return p

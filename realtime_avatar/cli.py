@@ -260,6 +260,7 @@ def _broadcast_options(args):
 
 def cmd_serve(args) -> int:
     """Serve the avatar over WebRTC: open the printed address in a browser and speak."""
+    from .runtime import freeze_startup_objects
     from .server import run_server
 
     try:
@@ -279,6 +280,7 @@ def cmd_serve(args) -> int:
     # conversion on the host), bgr24 on a CPU (see load_runtime)
     runtime = _runtime(args, frame_format="auto")
     factory, config = _session_factory(runtime, args)
+    freeze_startup_objects()  # full GC passes would walk them all, stalling every session
     print(f"model {runtime.model.model_id}, avatar {runtime.avatar.path.name}, encoder window "
           f"{config.streaming.window_s:g} s / hop {config.streaming.hop_s:g} s / lookahead "
           f"{config.streaming.lookahead_s:g} s, output delay {1000 * config.output_delay_s:.0f} ms", file=sys.stderr)
@@ -399,6 +401,7 @@ def cmd_live(args) -> int:
     """Microphone -> avatar on this machine (PortAudio), shown in a window (or, with no display, on
     a local page) and recorded to an MP4 when --record is given."""
     from .audio_sources import list_input_devices
+    from .runtime import freeze_startup_objects
 
     if args.list_devices:
         for d in list_input_devices():
@@ -414,6 +417,7 @@ def cmd_live(args) -> int:
     runtime = _runtime(args)
     config = runtime.session_config(args.session_batch)
     device = _input_device(args.input_device)
+    freeze_startup_objects()
     print("listening: speak into the microphone (Ctrl+C to stop)", file=sys.stderr)
     try:
         stats = asyncio.run(run_live(runtime, config, device, args.seconds, Path(args.record) if args.record else None,

@@ -221,8 +221,10 @@ def test_bench_baseline_times_first_frames_of_both_pipelines(bench, results, tmp
 
 @pytest.mark.slow
 def test_bench_e2e_webrtc_receives_the_avatar_and_finds_the_onsets(bench, results, tmp_path, capsys):
-    out = run_quick("bench_e2e_webrtc", ["--words", "2"], bench, tmp_path, capsys)
+    # --no-gc-freeze: freezing is for a serving process, not for the test process
+    out = run_quick("bench_e2e_webrtc", ["--words", "2", "--no-gc-freeze"], bench, tmp_path, capsys)
     assert out["received"]["video_frames"] > 25
+    assert out["gc_pauses_ms"]["gen0"]["n"] > 0  # the collector was watched while the session ran
     assert out["onsets_found"]["sent"] == 2
     assert out["onsets_found"]["server_input"] == 2  # both clicked onsets crossed the network
     assert out["alignment"]["first_frame_tick"] >= 0  # received frames were matched to ticks
