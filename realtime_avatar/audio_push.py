@@ -47,7 +47,13 @@ log = logging.getLogger(__name__)
 MIN_RATE, MAX_RATE = 8_000, 192_000  # Hz: telephone to studio; anything else is a client bug
 MAX_CHANNELS = 8
 CHUNK_S = 0.02  # the pacer's step: 20 ms, a WebRTC packet
-LEAD_S = 0.1  # how far ahead of the wall clock the session is fed (absorbs event-loop jitter)
+# How far ahead of the wall clock the session is fed. Every frame after a segment's first LEAD_S
+# arrives that much before its tick would need it, so the session renders it ahead: a loaded
+# machine (a broadcast with RTMP, Janus and viewers) then shows the mouth instead of idle frames
+# for all but the first frames of an utterance (measured in bench_broadcast: 0.1 s left 60% of
+# the first utterance's frames late, see the README). Kept below the scheduler's max_backlog_s
+# (0.5 s, SessionConfig), beyond which frames that arrived early are dropped to bound latency.
+LEAD_S = 0.3
 MAX_BUFFER_S = 120.0  # pushed audio waiting to play; beyond this a push is refused with an error
 MAX_TEXT_BYTES = 4096  # a control message is tiny; a larger text message is garbage
 

@@ -324,3 +324,13 @@ def test_audio_push_over_the_peers_data_channel(runtime):
         seen = asyncio.run(scenario(wav))
     assert [e["type"] for e in seen] == ["playback_started", "playback_finished"]
     assert abs(seen[-1]["playback_position"] - 0.8) <= 0.045 and seen[-1]["interrupted"] is False
+
+
+def test_pushed_audio_is_fed_ahead_by_less_than_the_session_drops():
+    # Frames fed LEAD_S early play LEAD_S + delay after they arrive; the scheduler drops frames
+    # that would play more than delay + max_backlog_s after arrival, so the lead (plus one pacer
+    # step of jitter) must stay below it or pushed speech would be cut.
+    from realtime_avatar.audio_push import CHUNK_S, LEAD_S
+    from realtime_avatar.session import SessionConfig
+
+    assert 0 < LEAD_S + CHUNK_S < SessionConfig.max_backlog_s
