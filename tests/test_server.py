@@ -96,8 +96,8 @@ async def within(seconds: float, coro, what: str):
         raise AssertionError(f"{what} took over {seconds} s; tasks:\n{stacks.getvalue()}") from None
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
+def rss_bytes(pid: int | str = "self") -> int:
+    with open(f"/proc/{pid}/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 

@@ -87,6 +87,8 @@ def test_twenty_viewers_of_one_session_each_get_24_fps_and_memory_is_flat_after(
                 gc.collect()
                 result["left"] = len(app[BROADCASTER_KEY].whep.viewers)
                 result["rss"] = rss_bytes()
+                process = app[BROADCASTER_KEY].whep.process  # the viewers' peers (serve's default)
+                result["child_rss"] = rss_bytes(process._proc.pid) if process is not None and process.running else 0
                 result["objects"] = live_objects()
                 return result
 
@@ -100,9 +102,11 @@ def test_twenty_viewers_of_one_session_each_get_24_fps_and_memory_is_flat_after(
 
     fps_alone, second, third = asyncio.run(scenario())
     fps, grown = second["fps"], (third["rss"] - second["rss"]) / 2**20
+    child_grown = (third["child_rss"] - second["child_rss"]) / 2**20
     print(f"viewer fps min {min(fps):.1f} median {sorted(fps)[len(fps) // 2]:.1f}; session fps alone "
           f"{fps_alone:.1f}, with {n_viewers} viewers {second['session_fps']:.1f}; process CPU "
-          f"{second['cpu']:.2f} cores (server process); RSS after the third crowd left vs the second: {grown:+.1f} MiB")
+          f"{second['cpu']:.2f} cores (server process); RSS after the third crowd left vs the second: {grown:+.1f} MiB "
+          f"(viewer process {child_grown:+.1f} MiB)")
     assert second["on_server"] == n_viewers and second["left"] == third["left"] == 0
     assert second["objects"] == third["objects"] and second["objects"]["RTCPeerConnection"] == 0
     assert min(fps) >= 24.0, fps
@@ -111,6 +115,8 @@ def test_twenty_viewers_of_one_session_each_get_24_fps_and_memory_is_flat_after(
     # measured here: a few MiB from malloc arenas of the per-viewer encoder threads; a leak of
     # the viewers themselves (peer connections, relay proxies with their queues) shows above
     assert grown < 12, f"memory grew {grown:.1f} MiB from one crowd of viewers to the next"
+    # the viewer process holds the 20 peer connections: it must not keep them either
+    assert second["child_rss"] > 0 and child_grown < 12, f"viewer process grew {child_grown:.1f} MiB"
 
 
 def test_whep_signalling_errors_and_a_viewer_that_never_reads_is_cut_off_alone():
