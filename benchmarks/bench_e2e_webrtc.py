@@ -1,8 +1,9 @@
 """End-to-end latency through a real WebRTC loopback: mic audio sent -> mouth frame received.
 
 The real server (create_app, the `realtime-avatar serve` app) runs in this process with real
-AvatarSessions on the bench runtime; an aiortc client (tests/rtc_client.py) connects over
-127.0.0.1 and sends, in real time, espeak-ng words separated by silence, each onset marked by a
+AvatarSessions on the bench runtime; an aiortc client (tests/rtc_client.py), in a child process
+of its own as a remote client would be (`--client in-process` puts it on the server's event
+loop, as this benchmark did until 2026-11-30), connects over 127.0.0.1 and sends, in real time, espeak-ng words separated by silence, each onset marked by a
 click. The client keeps the face region of every received video frame (and a mouth thumbnail,
 for diagnostics) and all received audio. From those alone it finds, per word:
 
@@ -27,10 +28,12 @@ import argparse
 import asyncio
 import dataclasses
 import gc
+import pickle
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -137,13 +140,55 @@ def _client_class():
     return MouthClient
 
 
-async def run_loopback(bench: common.BenchRuntime, signal: common.OnsetSignal, config: SessionConfig,
-                       tail_s: float) -> dict:
-    """Serve, connect one client, stream `signal`, and return the raw logs of both sides."""
+async def _run_client(url: str, wav: Path, box, face, frame_shape, speech_s: float, tail_s: float) -> dict:
+    """One client's whole call: connect, stream the WAV, keep what comes back until `tail_s`
+    after the speech, close. Returns the client-side logs (picklable)."""
     import aiohttp
 
+    from tests.rtc_client import WavMicrophoneTrack
+
+    mic = WavMicrophoneTrack(wav)  # the signal carries its own lead and tail silence
+    async with aiohttp.ClientSession() as http:
+        client = _client_class()(url, mic, box=box, face=face, frame_shape=frame_shape)
+        t_connect = time.monotonic()
+        await client.connect(http)
+        await asyncio.wait_for(client.connected.wait(), 15)
+        connected_s = time.monotonic() - t_connect
+        await asyncio.wait_for(client.first_video.wait(), 15)
+        while mic.speech_started_at is None:
+            await asyncio.sleep(0.01)
+        end = mic.speech_started_at + speech_s + tail_s
+        while time.monotonic() < end:
+            await asyncio.sleep(0.1)
+        # aiortc's receiver hands out pts relative to the first RTP timestamp it received
+        receivers = [t.receiver for t in client.pc.getTransceivers() if t.kind == "video"]
+        mapper = getattr(receivers[0], "_RTCRtpReceiver__timestamp_mapper", None) if receivers else None
+        await client.close(http)
+    return {"frames": client.frames, "faces": client.faces, "recording": client.recording,
+            "rtp_first_timestamp": getattr(mapper, "_origin", None),
+            "speech_started_at": mic.speech_started_at, "connected_s": connected_s}
+
+
+def client_process_main(spec_path: str, out_path: str) -> None:
+    """The client as a process of its own (`--client process`): reads its arguments from a
+    pickle, writes its logs to another. time.monotonic() is CLOCK_MONOTONIC, one clock for
+    every process on the machine, so both sides' times compare."""
+    with open(spec_path, "rb") as f:
+        spec = pickle.load(f)
+    logs = asyncio.run(_run_client(**spec))
+    with open(out_path, "wb") as f:
+        pickle.dump(logs, f)
+
+
+async def run_loopback(bench: common.BenchRuntime, signal: common.OnsetSignal, config: SessionConfig,
+                       tail_s: float, client_process: bool = True) -> dict:
+    """Serve, connect one client, stream `signal`, and return the raw logs of both sides.
+
+    client_process: the client runs in a child process (its own event loop and GIL, as a remote
+    client's are; it still shares the CPU); False runs it on this process's event loop, beside
+    the server (how this benchmark measured until 2026-11-30, session 7)."""
     from realtime_avatar.server import SERVER_KEY, create_app
-    from tests.rtc_client import WavMicrophoneTrack, serving
+    from tests.rtc_client import serving
 
     runtime = bench.runtime
     box = common.mouth_box(runtime.avatar.landmarks, runtime.avatar.frame_shape)
@@ -169,28 +214,28 @@ async def run_loopback(bench: common.BenchRuntime, signal: common.OnsetSignal, c
 
     with tempfile.TemporaryDirectory() as tmp:
         wav = signal.write_wav(Path(tmp) / "onsets.wav")
-        mic = WavMicrophoneTrack(wav)  # the signal carries its own lead and tail silence
-        async with serving(app) as url, aiohttp.ClientSession() as http:
-            client = _client_class()(url, mic, box=box, face=face, frame_shape=runtime.avatar.frame_shape)
-            t_connect = time.monotonic()
-            await client.connect(http)
-            await asyncio.wait_for(client.connected.wait(), 15)
-            connected_s = time.monotonic() - t_connect
-            await asyncio.wait_for(client.first_video.wait(), 15)
-            while mic.speech_started_at is None:
-                await asyncio.sleep(0.01)
-            end = mic.speech_started_at + signal.seconds + tail_s
-            while time.monotonic() < end:
-                await asyncio.sleep(0.1)
+        async with serving(app) as url:
+            spec = {"url": url, "wav": wav, "box": box, "face": face, "frame_shape": runtime.avatar.frame_shape,
+                    "speech_s": signal.seconds, "tail_s": tail_s}
+            if client_process:
+                with open(Path(tmp) / "spec.pkl", "wb") as f:
+                    pickle.dump(spec, f)
+                child = await asyncio.create_subprocess_exec(
+                    sys.executable, str(Path(__file__).resolve()), "--client-spec", str(Path(tmp) / "spec.pkl"),
+                    "--client-out", str(Path(tmp) / "client.pkl"), cwd=common.REPO)
+                if await asyncio.wait_for(child.wait(), signal.seconds + tail_s + 120) != 0:
+                    raise RuntimeError(f"the client process failed (exit code {child.returncode})")
+                with open(Path(tmp) / "client.pkl", "rb") as f:
+                    logs = pickle.load(f)
+            else:
+                logs = await _run_client(**spec)
             stats = sessions[0].stats()
-            # aiortc's receiver hands out pts relative to the first RTP timestamp it received
-            receivers = [t.receiver for t in client.pc.getTransceivers() if t.kind == "video"]
-            mapper = getattr(receivers[0], "_RTCRtpReceiver__timestamp_mapper", None) if receivers else None
-            client.rtp_first_timestamp = getattr(mapper, "_origin", None)
-            await client.close(http)
+    client = SimpleNamespace(frames=logs["frames"], faces=logs["faces"], recording=logs["recording"],
+                             rtp_first_timestamp=logs["rtp_first_timestamp"])
     return {
-        "session": sessions[0], "stats": stats, "client": client, "mic": mic,
-        "box": box, "face": face, "connected_s": connected_s,
+        "session": sessions[0], "stats": stats, "client": client,
+        "mic": SimpleNamespace(speech_started_at=logs["speech_started_at"]),
+        "box": box, "face": face, "connected_s": logs["connected_s"],
     }
 
 
@@ -560,7 +605,8 @@ def run(args: argparse.Namespace, bench: common.BenchRuntime | None = None) -> d
     if not args.no_gc_freeze:
         freeze_startup_objects()  # as serve does
     with GcPauses() as gc_pauses:
-        raw = asyncio.run(run_loopback(bench, signal, config, tail_s=config.output_delay_s + 0.6))
+        raw = asyncio.run(run_loopback(bench, signal, config, tail_s=config.output_delay_s + 0.6,
+                                       client_process=args.client == "process"))
     # a frame plays output_delay after its audio arrived, and its window hears (last+1) features ahead
     lead = (config.window.last + 1) * SAMPLES_PER_FEATURE / SAMPLE_RATE
     analysis = analyse(raw, signal, bench.runtime, max(0.0, config.output_delay_s - lead))
@@ -575,7 +621,8 @@ def run(args: argparse.Namespace, bench: common.BenchRuntime | None = None) -> d
     result["settings"] = {"words": words, "gap_s": GAP_S, "session_batch": args.session_batch,
                           "render_budget_s": args.render_budget, "hop_s": config.streaming.hop_s,
                           "receivers": "aiortc stock" if args.stock_receivers else "frame-end (rtc_receive)",
-                          "signal_s": round(signal.seconds, 2), "gc_freeze": not args.no_gc_freeze}
+                          "signal_s": round(signal.seconds, 2), "gc_freeze": not args.no_gc_freeze,
+                          "client": args.client}
     result["gc_pauses_ms"] = gc_pauses.summary()
     result["summary"] = summarise(analysis, config, raw)
     result.update({k: v for k, v in analysis.items()})
@@ -597,6 +644,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-gc-freeze", action="store_true",
                    help="leave the startup objects in the garbage collector's generations (serve freezes "
                         "them: see runtime.freeze_startup_objects)")
+    p.add_argument("--client", choices=("process", "in-process"), default="process",
+                   help="where the WebRTC client runs: a child process (default; its own event loop, as a "
+                        "remote client's, on the same cores) or this process's event loop beside the server")
     p.add_argument("--stock-receivers", action="store_true",
                    help="leave aiortc's receive jitter buffers as they are (measures what rtc_receive saves)")
     return p
@@ -608,4 +658,7 @@ def main(argv: list[str] | None = None, bench: common.BenchRuntime | None = None
 
 
 if __name__ == "__main__":
-    main()
+    if "--client-spec" in sys.argv:  # the child of --client process
+        client_process_main(sys.argv[sys.argv.index("--client-spec") + 1], sys.argv[sys.argv.index("--client-out") + 1])
+    else:
+        main()
