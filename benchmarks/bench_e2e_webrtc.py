@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 from common import FRAME_MS  # noqa: E402
+from e2e_client import _run_client  # noqa: E402
 
 from realtime_avatar.runtime import freeze_startup_objects  # noqa: E402
 
@@ -59,36 +60,6 @@ PTS_PER_FRAME = VIDEO_CLOCK_RATE // FPS  # RTP video clock ticks per frame (3600
 LEAD_S = 1.5  # silence before the first word: idle frames (codec-noise diagnostics, closed mouths)
 GAP_S = 1.0  # silence after each word: every mouth returns to idle before the next onset
 QUIET_FRAMES = 5  # still frames (200 ms) before a moving one for it to count as a mouth onset
-
-
-def _scaled(box, image_shape, frame_shape):
-    if image_shape[:2] == frame_shape[:2]:
-        return box
-    sy, sx = image_shape[0] / frame_shape[0], image_shape[1] / frame_shape[1]  # scaled by the sender
-    return int(box[0] * sx), int(box[1] * sy), int(box[2] * sx), int(box[3] * sy)
-
-
-class _MouthTrack:
-    """Wraps the received video track: notes each frame's arrival and mouth thumbnail, and
-    keeps the face region (measured with mediapipe after the run, off the media path)."""
-
-    def __init__(self, track, box, face, frame_shape, log: list, faces: list):
-        self._inner = track
-        self._box, self._face, self._shape, self._log, self._faces = box, face, frame_shape, log, faces
-        self.kind = track.kind
-
-    async def recv(self):
-        frame = await self._inner.recv()
-        arrived = time.monotonic()
-        image = frame.to_ndarray(format="bgr24")
-        box = _scaled(self._box, image.shape, self._shape)
-        x1, y1, x2, y2 = _scaled(self._face, image.shape, self._shape)
-        self._log.append((arrived, frame.pts, common.mouth_signature(image, box)))
-        self._faces.append(image[y1:y2, x1:x2].copy())
-        return frame
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
 
 
 def _log_sender_pulls(session, find_sender) -> None:
@@ -115,69 +86,6 @@ def _log_sender_pulls(session, find_sender) -> None:
         return frame
 
     track.recv = logged_recv
-
-
-def _client_class():
-    from realtime_avatar.rtc_receive import release_all_receivers
-    from tests.rtc_client import RtcClient
-
-    class MouthClient(RtcClient):
-        """The test client, with the received video track wrapped by _MouthTrack."""
-
-        def __init__(self, *args, box, face, frame_shape, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.frames: list[tuple[float, int, np.ndarray]] = []  # (arrival, pts, signature)
-            self.faces: list[np.ndarray] = []  # the face region of each received frame
-            self._box, self._face, self._shape = box, face, frame_shape
-
-        def _on_track(self, track):
-            # frames as soon as they are complete, as a browser takes them (rtc_receive.py)
-            release_all_receivers(self.pc)
-            if track.kind == "video":
-                track = _MouthTrack(track, self._box, self._face, self._shape, self.frames, self.faces)
-            super()._on_track(track)
-
-    return MouthClient
-
-
-async def _run_client(url: str, wav: Path, box, face, frame_shape, speech_s: float, tail_s: float) -> dict:
-    """One client's whole call: connect, stream the WAV, keep what comes back until `tail_s`
-    after the speech, close. Returns the client-side logs (picklable)."""
-    import aiohttp
-
-    from tests.rtc_client import WavMicrophoneTrack
-
-    mic = WavMicrophoneTrack(wav)  # the signal carries its own lead and tail silence
-    async with aiohttp.ClientSession() as http:
-        client = _client_class()(url, mic, box=box, face=face, frame_shape=frame_shape)
-        t_connect = time.monotonic()
-        await client.connect(http)
-        await asyncio.wait_for(client.connected.wait(), 15)
-        connected_s = time.monotonic() - t_connect
-        await asyncio.wait_for(client.first_video.wait(), 15)
-        while mic.speech_started_at is None:
-            await asyncio.sleep(0.01)
-        end = mic.speech_started_at + speech_s + tail_s
-        while time.monotonic() < end:
-            await asyncio.sleep(0.1)
-        # aiortc's receiver hands out pts relative to the first RTP timestamp it received
-        receivers = [t.receiver for t in client.pc.getTransceivers() if t.kind == "video"]
-        mapper = getattr(receivers[0], "_RTCRtpReceiver__timestamp_mapper", None) if receivers else None
-        await client.close(http)
-    return {"frames": client.frames, "faces": client.faces, "recording": client.recording,
-            "rtp_first_timestamp": getattr(mapper, "_origin", None),
-            "speech_started_at": mic.speech_started_at, "connected_s": connected_s}
-
-
-def client_process_main(spec_path: str, out_path: str) -> None:
-    """The client as a process of its own (`--client process`): reads its arguments from a
-    pickle, writes its logs to another. time.monotonic() is CLOCK_MONOTONIC, one clock for
-    every process on the machine, so both sides' times compare."""
-    with open(spec_path, "rb") as f:
-        spec = pickle.load(f)
-    logs = asyncio.run(_run_client(**spec))
-    with open(out_path, "wb") as f:
-        pickle.dump(logs, f)
 
 
 async def run_loopback(bench: common.BenchRuntime, signal: common.OnsetSignal, config: SessionConfig,
@@ -221,7 +129,8 @@ async def run_loopback(bench: common.BenchRuntime, signal: common.OnsetSignal, c
                 with open(Path(tmp) / "spec.pkl", "wb") as f:
                     pickle.dump(spec, f)
                 child = await asyncio.create_subprocess_exec(
-                    sys.executable, str(Path(__file__).resolve()), "--client-spec", str(Path(tmp) / "spec.pkl"),
+                    sys.executable, str(Path(__file__).resolve().parent / "e2e_client.py"),
+                    "--client-spec", str(Path(tmp) / "spec.pkl"),
                     "--client-out", str(Path(tmp) / "client.pkl"), cwd=common.REPO)
                 if await asyncio.wait_for(child.wait(), signal.seconds + tail_s + 120) != 0:
                     raise RuntimeError(f"the client process failed (exit code {child.returncode})")
@@ -658,7 +567,4 @@ def main(argv: list[str] | None = None, bench: common.BenchRuntime | None = None
 
 
 if __name__ == "__main__":
-    if "--client-spec" in sys.argv:  # the child of --client process
-        client_process_main(sys.argv[sys.argv.index("--client-spec") + 1], sys.argv[sys.argv.index("--client-out") + 1])
-    else:
-        main()
+    main()
