@@ -47,15 +47,16 @@ PEERS = ("process", "inline")
 
 def check_viewer_offer(sdp: str) -> dict[str, bool]:
     """A WHEP offer must want to receive audio or video; raise OfferError(400) if not.
-    Returns, per kind, whether the offer takes the shared codec (video VP8, audio Opus): then
-    the viewer gets the session's shared encode of that kind."""
+    Returns, for each kind the offer receives, whether it takes the shared codec (video VP8,
+    audio Opus): then the viewer gets the session's shared encode of that kind."""
     description = parse_offer_sdp(sdp)
-    if not any(m.kind in ("audio", "video") and m.direction in RECEIVE_DIRECTIONS for m in description.media):
+    received = {m.kind for m in description.media if m.kind in SHARED_CODECS and m.direction in RECEIVE_DIRECTIONS}
+    if not received:
         raise OfferError(400, "a WHEP offer must receive media: add recvonly audio/video transceivers "
                               "(pc.addTransceiver('video', {direction: 'recvonly'})) before createOffer()")
-    return {kind: any(c.mimeType.lower() == codecs[0] for m in description.media if m.kind == kind
+    return {kind: any(c.mimeType.lower() == SHARED_CODECS[kind][0] for m in description.media if m.kind == kind
                       for c in m.rtp.codecs)
-            for kind, codecs in SHARED_CODECS.items()}
+            for kind in received}
 
 
 class WhepViewer:
@@ -102,11 +103,9 @@ class WhepEndpoint:
         if len(self.viewers) + self._negotiating >= self.max_viewers:
             raise OfferError(503, f"{self.max_viewers} viewers already: publish to an SFU (--janus) for more")
         self._negotiating += 1
-        wanted = {m.kind for m in parse_offer_sdp(offer_sdp).media
-                  if m.kind in ("audio", "video") and m.direction in RECEIVE_DIRECTIONS}
-        if self.peers == "process" and self.shared_encode and all(takes.get(kind) for kind in wanted):
+        if self.peers == "process" and self.shared_encode and all(takes.values()):
             self._negotiating -= 1  # from here the viewer is counted in self.viewers
-            return await self._answer_in_process(channel, outputs, offer_sdp, wanted)
+            return await self._answer_in_process(channel, outputs, offer_sdp, set(takes))
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         viewer = WhepViewer(uuid.uuid4().hex, channel, pc)
         try:
