@@ -189,7 +189,16 @@ def run_cuda_tests(avatar_dir: str | None) -> list[dict]:
     return collect.rows
 
 
-def run_benchmark(model, avatar, cuda: bool, quick: bool, deadline: float) -> list[dict]:
+# The compiled configurations capture these buckets only (the runtime's default is frame_engine.
+# BUCKETS, 1..256 in powers of two): every bucket is two graphs to compile (model, compose), and
+# the lent machine's minutes are few. The throughput batches are buckets, so nothing is padded.
+GPU_BUCKETS = (1, 8, 32, 64, 256)
+
+
+def run_benchmark(model, avatar, cuda: bool, quick: bool, deadline: float, save) -> list[dict]:
+    """The frame engine's frames/s per batch and the synthetic sessions it holds at 25 fps, per
+    (device, step, frame format). Each configuration is a part of its own: one that fails is
+    recorded with its error and the next one runs; `save(rows)` after each."""
     import numpy as np
     import torch
 
@@ -203,30 +212,80 @@ def run_benchmark(model, avatar, cuda: bool, quick: bool, deadline: float) -> li
         from realtime_avatar.models.compact import CompactModel
 
         configs = [("cuda", "torch", "bgr24"), ("cuda", "compiled", "bgr24"), ("cuda", "compiled", "yuv420p")]
-        batches = [1, 8, 32, 64, 256] if not quick else [1, 32, 256]
-        levels = [1, 16, 64, 256, 512, 1024]
-        seconds, per_batch = (5.0, 1.0) if not quick else (2.0, 0.3)
+        batches = list(GPU_BUCKETS) if not quick else [1, 32, 256]
+        levels = [1, 16, 64, 256, 512, 1024, 2048]
+        seconds, per_batch = (4.0, 1.0) if not quick else (2.0, 0.3)
     else:
         configs = [("cpu", "torch", "bgr24")]
         batches, levels, seconds, per_batch = [1, 4], [1, 2], 2.0, 0.3
     rows = []
     for device, step, fmt in configs:
+        row = {"device": device, "backend": step, "format": fmt}
+        rows.append(row)
         if time.monotonic() > deadline:
-            rows.append({"device": device, "backend": step, "format": fmt, "skipped": "time budget spent"})
+            row["skipped"] = "time budget spent"
             continue
-        m = model if device == "cpu" else CompactModel(copy.deepcopy(model.net), device=device, notes=model.notes)
-        engine = FrameEngine(m, device, step=step, frame_format=fmt)
-        slot = engine.add_avatar(avatar)
-        warm = engine.warm_up()
-        tp = throughput(engine, slot, windows, batches, per_batch)
-        sessions = synthetic(engine, slot, windows, levels, seconds, 0.15)
-        held = [r["sessions"] for r in sessions if r["holds_25fps"]]
-        rows.append({"device": device, "backend": step, "format": fmt, "precision": engine.precision,
-                     "warm_up_s": round(warm, 1),
-                     **{f"fps@b{r['batch']}": r["frames_per_s"] for r in tp},
-                     "sessions_at_25fps": max(held) if held else 0,
-                     "synthetic": sessions})
+        t0 = time.monotonic()
+        try:
+            m = model if device == "cpu" else CompactModel(copy.deepcopy(model.net), device=device, notes=model.notes)
+            engine = FrameEngine(m, device, step=step, frame_format=fmt,
+                                 buckets=GPU_BUCKETS if step == "compiled" else frame_engine_buckets())
+            slot = engine.add_avatar(avatar)
+            row["precision"] = engine.precision
+            row["warm_up_s"] = round(engine.warm_up(), 1)
+            for r in throughput(engine, slot, windows, batches, per_batch):
+                row[f"fps@b{r['batch']}"] = r["frames_per_s"]
+            save(rows)
+            row["synthetic"] = synthetic(engine, slot, windows, levels, seconds, 0.15)
+            held = [r["sessions"] for r in row["synthetic"] if r["holds_25fps"]]
+            row["sessions_at_25fps"] = max(held) if held else 0
+        except Exception as exc:  # noqa: BLE001 - record it and go on with the next part
+            row["error"] = failure(exc)
+        row["part_s"] = round(time.monotonic() - t0, 1)
+        save(rows)
     return rows
+
+
+def frame_engine_buckets():
+    from realtime_avatar.frame_engine import BUCKETS
+
+    return BUCKETS
+
+
+def run_encoder_batching(cuda: bool) -> list[dict]:
+    """ms per call of the Whisper encoder (tiny's shape, seeded random weights: the time does
+    not depend on the values) for N sessions' 2 s windows in one call (EncoderBatcher), fp32."""
+    import torch
+
+    from realtime_avatar.encoder_batching import EncodeRequest, EncoderBatcher
+    from whisper.model import AudioEncoder
+
+    device = "cuda" if cuda else "cpu"
+    torch.manual_seed(0)
+    encoder = AudioEncoder(n_mels=80, n_ctx=1500, n_state=384, n_head=6, n_layer=4).eval().to(device)
+    batcher = EncoderBatcher(encoder)
+    rows = []
+    for n in ([1, 8, 64, 256] if cuda else [1, 4]):
+        mels = torch.randn(n, 80, 200, generator=torch.Generator().manual_seed(n)).to(device)
+        requests = [EncodeRequest(mels[i], 10 * i, "v15") for i in range(n)]
+        with torch.inference_mode():
+            batcher.encode_now(requests)
+            calls, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < 1.0 or calls < 3:
+                states = batcher.encode_now(requests)
+                calls += 1
+            if cuda:
+                torch.cuda.synchronize()
+            ms = 1000 * (time.perf_counter() - t0) / calls
+        rows.append({"windows": n, "window_s": 2.0, "ms_per_call": round(ms, 2),
+                     "windows_per_s": round(1000 * n / ms, 1), "out_shape": list(states[0].shape)})
+    return rows
+
+
+def failure(exc: BaseException) -> str:
+    import traceback
+
+    return "".join(traceback.format_exception(exc)[-6:])[-1500:]
 
 
 def table(rows: list[dict], columns: list[str]) -> str:
@@ -260,21 +319,36 @@ def main(argv: list[str] | None = None) -> int:
     model, weights, avatar, avatar_from = model_and_avatar(carry)
     print(f"\nmodel {model.model_id} {model.weights_hash()} ({weights}); avatar: {avatar_from}")
     result = {"environment": env, "weights": weights, "avatar": avatar_from}
+
+    def save(**parts) -> None:
+        # written after every part: a run cut off by its time limit still leaves what it measured
+        result.update(parts)
+        result["seconds"] = round(time.monotonic() - t0, 1)
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+
     if not args.skip_tests:
-        result["tests"] = run_cuda_tests(avatar_from if avatar is not None else None)
-        print("\nCUDA tests\n" + table(result["tests"], ["test", "outcome", "seconds", "detail"]))
+        save(tests=run_cuda_tests(avatar_from if avatar is not None else None))
+        print("\nCUDA tests\n" + table(result["tests"], ["test", "outcome", "seconds", "detail"]), flush=True)
+    try:
+        save(encoder=run_encoder_batching(env["cuda"]))
+    except Exception as exc:  # noqa: BLE001
+        save(encoder=[{"error": failure(exc)}])
+    print("\nWhisper encoder, N sessions' windows in one call\n"
+          + table(result["encoder"], list(result["encoder"][0])), flush=True)
     if avatar is None:
-        result["benchmark"] = [{"skipped": avatar_from}]
+        save(benchmark=[{"skipped": avatar_from}])
     else:
-        result["benchmark"] = run_benchmark(model, avatar, env["cuda"], args.quick, t0 + args.budget_s)
-        columns = sorted({k for r in result["benchmark"] for k in r if k != "synthetic"},
+        run_benchmark(model, avatar, env["cuda"], args.quick, t0 + args.budget_s, lambda rows: save(benchmark=rows))
+        columns = sorted({k for r in result["benchmark"] for k in r if k not in ("synthetic", "error")},
                          key=lambda c: (not c.isalpha(), c))
         print("\nframe engine (frames/s at batch b; sessions holding 25 fps)\n" + table(result["benchmark"], columns))
-    result["seconds"] = round(time.monotonic() - t0, 1)
+        for r in result["benchmark"]:
+            if "error" in r:
+                print(f"\n{r['device']} {r['backend']} {r['format']} FAILED:\n{r['error']}")
+    save()
     print(f"\ngpu_check done in {result['seconds']} s")
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     failed = [t for t in result.get("tests", []) if t["outcome"] == "failed"]
     return 1 if failed else 0
 

@@ -137,6 +137,19 @@ def engine_render_fn(runner, device: torch.device) -> RenderFn:
     return render
 
 
+def allow_recompiles(graphs: int) -> None:
+    """Let dynamo keep `graphs` graphs of one function.
+
+    Dynamo caches compiled graphs per code object, whichever torch.compile wrapper asked, so
+    every bucket (and, for compose, every frame size) is one more entry of the same cache; past
+    torch._dynamo.config.recompile_limit (8 in torch 2.11-2.13) it warns once and runs the
+    function eagerly: the 9th bucket (256) would silently lose its CUDA graph."""
+    import torch._dynamo.config as config
+
+    config.recompile_limit = max(config.recompile_limit, graphs)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 2 * graphs)
+
+
 class FrameEngine:
     """See the module docstring. Thread-safe: render_now() calls are serialised (one batch
     at a time on the device)."""
@@ -184,6 +197,7 @@ class FrameEngine:
             step = "torch"
         self.step = step
         self._compiled: dict[int, Callable] = {}
+        self._graphs = 0  # graphs asked of dynamo so far (see allow_recompiles)
         self._banks: dict[tuple[int, int], ComposeBank] = {}
         self.slots: list[AvatarSlot] = []
         self._lock = threading.Lock()
@@ -228,6 +242,8 @@ class FrameEngine:
             return fn
         compiled = self._compiled.get(key)
         if compiled is None:
+            self._graphs += 1
+            allow_recompiles(self._graphs)
             compiled = self._compiled[key] = torch.compile(fn, mode="reduce-overhead", dynamic=False)
         return compiled
 

@@ -217,6 +217,33 @@ def test_compiled_on_a_cpu_runs_the_same_torch_code_eagerly(runtime, avatars, wi
     assert_within_one_level(frames, reference_frames(runtime.model, avatars[0], [0, 1], windows[:2]))
 
 
+def test_compiled_keeps_a_graph_for_every_bucket(runtime, avatars, windows, monkeypatch):
+    """Dynamo caches graphs per function, not per torch.compile wrapper: with more buckets than
+    its recompile limit (8) the last ones used to run eagerly. The same compiled path, with
+    dynamo's counting backend instead of CUDA graphs (which a CPU does not have)."""
+    import torch._dynamo
+    import torch._dynamo.config
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=counter, dynamic=False))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    monkeypatch.setattr(torch._dynamo.config, "accumulated_recompile_limit", 256)
+    buckets = tuple(range(1, 11))  # 10 buckets: past the limit of 8
+    engine = FrameEngine(runtime.model, "cpu", buckets=buckets)
+    engine.step = "compiled"  # what a CUDA device gets; the constructor turns it off on a CPU
+    slot = engine.add_avatar(avatars[0])
+    torch._dynamo.reset()
+    try:
+        for size in buckets:
+            frames = engine.render_now([FrameRequest(slot, tuple(range(size)), windows[:size])])[0]
+        assert counter.frame_count == 2 * len(buckets)  # the model step and the compose step, per bucket
+        assert_within_one_level(frames, reference_frames(runtime.model, avatars[0], list(range(10)), windows[:10]))
+    finally:
+        torch._dynamo.reset()
+
+
 def test_the_engine_renders_yuv420p_frames_the_encoder_takes(runtime, avatars, windows):
     engine = FrameEngine(runtime.model, "cpu", frame_format="yuv420p")
     slot = engine.add_avatar(avatars[0])
