@@ -175,6 +175,9 @@ class FrameEngine:
         if step not in STEP_KINDS:
             raise ValueError(f"step must be one of {STEP_KINDS}, got {step!r}")
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            # "cuda" means the current GPU; tensors report it as cuda:N, so compare against that
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.precision = choose_precision(precision, self.device)
         self.model = model
         self.model_id = model.model_id
