@@ -213,7 +213,7 @@ def run_benchmark(model, avatar, cuda: bool, quick: bool, deadline: float, save)
 
         configs = [("cuda", "torch", "bgr24"), ("cuda", "compiled", "bgr24"), ("cuda", "compiled", "yuv420p")]
         batches = list(GPU_BUCKETS) if not quick else [1, 32, 256]
-        levels = [1, 16, 64, 256, 512, 1024, 2048]
+        levels = [1, 16, 64, 128, 192, 256, 384, 512, 1024]
         seconds, per_batch = (4.0, 1.0) if not quick else (2.0, 0.3)
     else:
         configs = [("cpu", "torch", "bgr24")]

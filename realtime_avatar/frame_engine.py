@@ -35,6 +35,7 @@ into another's memory.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -150,6 +151,26 @@ def allow_recompiles(graphs: int) -> None:
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 2 * graphs)
 
 
+def _chunk_requests(request_sizes: Sequence[int], chunk_sizes: Sequence[int]) -> list[list[int]]:
+    """Cut consecutive requests' rows at chunk boundaries: for each chunk, the row counts of the
+    request pieces it holds, in order (a request that straddles two chunks is in both).
+    _chunk_requests([3, 2, 4], [4, 5]) == [[3, 1], [1, 4]]."""
+    out: list[list[int]] = []
+    pending = list(request_sizes)
+    k = 0
+    for size in chunk_sizes:
+        pieces = []
+        while size > 0:
+            take = min(size, pending[k])
+            pieces.append(take)
+            size -= take
+            pending[k] -= take
+            if pending[k] == 0:
+                k += 1
+        out.append(pieces)
+    return out
+
+
 class FrameEngine:
     """See the module docstring. Thread-safe: render_now() calls are serialised (one batch
     at a time on the device)."""
@@ -179,6 +200,11 @@ class FrameEngine:
             # "cuda" means the current GPU; tensors report it as cuda:N, so compare against that
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.precision = choose_precision(precision, self.device)
+        if self.device.type == "cuda" and self.precision == "fp32":
+            # PyTorch lets cuDNN convolutions use TF32 by default (10-bit mantissa): measured on
+            # an H200, 2 grey levels off the CPU reference instead of 1. fp32 asked is fp32 done.
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         self.model = model
         self.model_id = model.model_id
         self.frame_format = frame_format
@@ -279,7 +305,7 @@ class FrameEngine:
             else:
                 banks.append((r.slot.bank, row, row + len(r.positions)))
             row += len(r.positions)
-        host: list[np.ndarray] = []
+        outs: list[torch.Tensor] = []  # uint8 frames on the device, in `group` order
         top = self.buckets[-1]
         for s in range(0, row, top):  # one model call per largest bucket (usually just one)
             e = min(row, s + top)
@@ -288,17 +314,23 @@ class FrameEngine:
             for bank, b0, b1 in banks:  # one compose call per frame size
                 lo, hi = max(b0, s), min(b1, e)
                 if lo < hi:
-                    out = self._call(("compose", id(bank)), bank.compose, levels[lo - s : hi - s], ids[lo:hi])
+                    outs.append(self._call(("compose", id(bank)), functools.partial(self._compose, bank),
+                                           levels[lo - s : hi - s], ids[lo:hi]))
                     self.compose_calls += 1
-                    if self.frame_format == "yuv420p":
-                        out = bgr_to_yuv420p(out)
-                    host.append(self._to_host(out))
-        frames_in_order = [f for chunk in host for f in chunk]
+        # frames of different sizes cannot share a tensor: one host copy per bank chunk, each
+        # cut into its requests' own buffers
+        host: list[np.ndarray] = []
+        for out, sizes in zip(outs, _chunk_requests([len(r.positions) for r in group], [len(o) for o in outs])):
+            host += self._to_host(out, sizes)
+        if self.device.type == "cuda":
+            synchronize(self.device)
         frames: list[list[np.ndarray] | None] = [None] * len(requests)
-        start = 0
+        parts = iter(host)
         for i, r in zip(order, group):
-            frames[i] = frames_in_order[start : start + len(r.positions)]
-            start += len(r.positions)
+            got: list[np.ndarray] = []
+            while len(got) < len(r.positions):
+                got += list(next(parts))
+            frames[i] = got
         self.frames_rendered += row
         return frames  # type: ignore[return-value]
 
@@ -306,21 +338,42 @@ class FrameEngine:
         """fn(*args) on a batch: compiled steps get it padded to its bucket (copies of the last
         row, their output dropped) so each bucket's CUDA graph is captured once."""
         m = args[0].shape[0]
-        if self.step != "compiled":
+        if not self._padded:
             return fn(*args)
         size = bucket_size(m, self.buckets)
         if size > m:
             args = tuple(torch.cat([a, a[-1:].expand(size - m, *a.shape[1:])]) for a in args)
         return self._compiled_fn(key + (size,), fn)(*args)[:m].clone()  # graphs reuse outputs
 
-    def _to_host(self, frames: torch.Tensor) -> np.ndarray:
-        """The one host copy of the frame path: uint8 frames, through pinned memory on CUDA."""
-        if frames.device.type == "cpu":
-            return frames.numpy()
-        host = torch.empty(frames.shape, dtype=torch.uint8, pin_memory=True)
-        host.copy_(frames, non_blocking=True)
-        synchronize(self.device)
-        return host.numpy()
+    @property
+    def _padded(self) -> bool:
+        # Batches are padded to a bucket when compiled (one CUDA graph per bucket) and on any
+        # CUDA device (cuDNN builds an execution plan for every new shape: tens of ms each, a
+        # stall a live session sees as late frames); a CPU runs exact sizes (padding only adds work).
+        return self.step == "compiled" or self.device.type == "cuda"
+
+    def _compose(self, bank: ComposeBank, levels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        out = bank.compose(levels, ids)
+        # converted on the device, inside the compiled step: half the bytes to copy to the host
+        return bgr_to_yuv420p(out) if self.frame_format == "yuv420p" else out
+
+    def _to_host(self, frames: torch.Tensor, sizes: Sequence[int]) -> list[np.ndarray]:
+        """The one host copy of the frame path: `frames` [N,...] uint8 cut into consecutive
+        parts of `sizes` rows, each copied into memory of its own (one request's frames are never
+        a view of memory another session reads). On CUDA each part goes by DMA straight into
+        its own pinned buffer (no CPU memcpy; the caller synchronises once for all); on a CPU a
+        copy of the slice. Rows past sum(sizes) (bucket padding) are dropped."""
+        parts, start = [], 0
+        for n in sizes:
+            piece = frames[start : start + n]
+            start += n
+            if frames.device.type == "cpu":
+                parts.append(piece.numpy().copy())  # numpy-owned: no tensor kept alive
+            else:
+                host = torch.empty(piece.shape, dtype=torch.uint8, pin_memory=True)
+                host.copy_(piece, non_blocking=True)
+                parts.append(host.numpy())
+        return parts
 
     # -- sessions ----------------------------------------------------------------------------
 
@@ -336,10 +389,8 @@ class FrameEngine:
         return self._batcher
 
     def _process(self, requests: Sequence[FrameRequest]) -> list[list[np.ndarray]]:
-        frames = self.render_now(requests)
-        # each session gets its own memory: one session's frames are never a view of a batch
-        # array another session still reads
-        return [[np.array(f) for f in fs] for fs in frames]
+        # each request's frames are already in memory of their own (_to_host)
+        return self.render_now(requests)
 
     async def render(self, request: FrameRequest, *, probe: bool = False) -> list[np.ndarray]:
         """The frames of `request`, rendered in the next tick's batch together with every
@@ -360,7 +411,7 @@ class FrameEngine:
             return 0.0
         t0 = time.perf_counter()
         slot = self.slots[0]
-        sizes = self.buckets if self.step == "compiled" else self.buckets[:1]
+        sizes = self.buckets if self._padded else self.buckets[:1]
         for size in sizes:
             windows = np.zeros((size, AUDIO_TOKENS, WHISPER_DIM), np.float32)
             self.render_now([FrameRequest(slot, tuple(range(size)), windows)])

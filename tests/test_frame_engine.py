@@ -83,6 +83,15 @@ def test_bucket_sizes_round_up_to_fixed_shapes():
     assert BUCKETS[-1] == 256
 
 
+def test_requests_are_cut_at_chunk_boundaries():
+    from realtime_avatar.frame_engine import _chunk_requests
+
+    assert _chunk_requests([3, 2, 4], [9]) == [[3, 2, 4]]
+    assert _chunk_requests([3, 2, 4], [4, 5]) == [[3, 1], [1, 4]]
+    assert _chunk_requests([300], [256, 44]) == [[256], [44]]
+    assert _chunk_requests([2, 2], [2, 2]) == [[2], [2]]
+
+
 def test_torch_compose_matches_the_numpy_blend_within_one_level(runtime, avatars, windows):
     model = runtime.model
     for avatar in avatars:
