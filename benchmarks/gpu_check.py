@@ -195,7 +195,8 @@ def run_cuda_tests(avatar_dir: str | None) -> list[dict]:
 GPU_BUCKETS = (1, 8, 32, 64, 256)
 
 
-def run_benchmark(model, avatar, cuda: bool, quick: bool, deadline: float, save) -> list[dict]:
+def run_benchmark(model, avatar, cuda: bool, quick: bool, deadline: float, save,
+                  only: list[tuple[str, str]] | None = None, only_levels: list[int] | None = None) -> list[dict]:
     """The frame engine's frames/s per batch and the synthetic sessions it holds at 25 fps, per
     (device, step, frame format). Each configuration is a part of its own: one that fails is
     recorded with its error and the next one runs; `save(rows)` after each."""
@@ -218,6 +219,10 @@ def run_benchmark(model, avatar, cuda: bool, quick: bool, deadline: float, save)
     else:
         configs = [("cpu", "torch", "bgr24")]
         batches, levels, seconds, per_batch = [1, 4], [1, 2], 2.0, 0.3
+    if only:
+        configs = [c for c in configs if (c[1], c[2]) in only]
+    if only_levels:
+        levels = only_levels
     rows = []
     for device, step, fmt in configs:
         row = {"device": device, "backend": step, "format": fmt}
@@ -303,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer batches and sessions (about a minute)")
     p.add_argument("--budget-s", type=float, default=270.0, help="stop starting new benchmark parts after this")
     p.add_argument("--skip-tests", action="store_true", help="only the benchmark")
+    p.add_argument("--configs", default=None,
+                   help="only these frame-engine configurations, e.g. compiled:yuv420p,torch:bgr24")
+    p.add_argument("--levels", default=None, help="synthetic session counts, e.g. 384,448,512")
+    p.add_argument("--skip-encoder", action="store_true", help="no Whisper encoder timing")
     args = p.parse_args(argv)
     if args.pack is not None:
         pack(args.pack)
@@ -331,16 +340,20 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_tests:
         save(tests=run_cuda_tests(avatar_from if avatar is not None else None))
         print("\nCUDA tests\n" + table(result["tests"], ["test", "outcome", "seconds", "detail"]), flush=True)
-    try:
-        save(encoder=run_encoder_batching(env["cuda"]))
-    except Exception as exc:  # noqa: BLE001
-        save(encoder=[{"error": failure(exc)}])
-    print("\nWhisper encoder, N sessions' windows in one call\n"
-          + table(result["encoder"], list(result["encoder"][0])), flush=True)
+    if not args.skip_encoder:
+        try:
+            save(encoder=run_encoder_batching(env["cuda"]))
+        except Exception as exc:  # noqa: BLE001
+            save(encoder=[{"error": failure(exc)}])
+        print("\nWhisper encoder, N sessions' windows in one call\n"
+              + table(result["encoder"], list(result["encoder"][0])), flush=True)
     if avatar is None:
         save(benchmark=[{"skipped": avatar_from}])
     else:
-        run_benchmark(model, avatar, env["cuda"], args.quick, t0 + args.budget_s, lambda rows: save(benchmark=rows))
+        only = [tuple(c.split(":")) for c in args.configs.split(",")] if args.configs else None
+        levels = [int(n) for n in args.levels.split(",")] if args.levels else None
+        run_benchmark(model, avatar, env["cuda"], args.quick, t0 + args.budget_s, lambda rows: save(benchmark=rows),
+                      only, levels)
         columns = sorted({k for r in result["benchmark"] for k in r if k not in ("synthetic", "error")},
                          key=lambda c: (not c.isalpha(), c))
         print("\nframe engine (frames/s at batch b; sessions holding 25 fps)\n" + table(result["benchmark"], columns))

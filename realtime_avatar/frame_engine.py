@@ -138,17 +138,23 @@ def engine_render_fn(runner, device: torch.device) -> RenderFn:
     return render
 
 
-def allow_recompiles(graphs: int) -> None:
-    """Let dynamo keep `graphs` graphs of one function.
+_graphs_asked = 0  # compiled graphs asked of dynamo by every engine of this process
 
-    Dynamo caches compiled graphs per code object, whichever torch.compile wrapper asked, so
-    every bucket (and, for compose, every frame size) is one more entry of the same cache; past
-    torch._dynamo.config.recompile_limit (8 in torch 2.11-2.13) it warns once and runs the
-    function eagerly: the 9th bucket (256) would silently lose its CUDA graph."""
+
+def allow_recompiles(more: int) -> None:
+    """Let dynamo keep `more` graphs more of one function.
+
+    Dynamo caches compiled graphs per code object, whichever torch.compile wrapper (or engine)
+    asked, so every bucket of every engine (and, for compose, every frame size) is one more entry
+    of the same cache; past torch._dynamo.config.recompile_limit (8 in torch 2.11-2.13) it warns
+    and runs the function eagerly: the 9th bucket (256) silently lost its CUDA graph, and on the
+    H200 a second engine in the same process lost several. The limit follows the process total."""
     import torch._dynamo.config as config
 
-    config.recompile_limit = max(config.recompile_limit, graphs)
-    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 2 * graphs)
+    global _graphs_asked
+    _graphs_asked += more
+    config.recompile_limit = max(config.recompile_limit, _graphs_asked)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 2 * _graphs_asked)
 
 
 def _chunk_requests(request_sizes: Sequence[int], chunk_sizes: Sequence[int]) -> list[list[int]]:
@@ -226,7 +232,6 @@ class FrameEngine:
             step = "torch"
         self.step = step
         self._compiled: dict[int, Callable] = {}
-        self._graphs = 0  # graphs asked of dynamo so far (see allow_recompiles)
         self._banks: dict[tuple[int, int], ComposeBank] = {}
         self.slots: list[AvatarSlot] = []
         self._lock = threading.Lock()
@@ -271,8 +276,7 @@ class FrameEngine:
             return fn
         compiled = self._compiled.get(key)
         if compiled is None:
-            self._graphs += 1
-            allow_recompiles(self._graphs)
+            allow_recompiles(1)
             compiled = self._compiled[key] = torch.compile(fn, mode="reduce-overhead", dynamic=False)
         return compiled
 
