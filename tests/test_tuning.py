@@ -99,7 +99,7 @@ def test_ctrl_c_keeps_last_checkpoint(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(
         [sys.executable, "-m", "realtime_avatar.cli", "prepare", str(photo_or_skip("men/91")), "--out", str(out),
-         "--idle-seconds", "0.4", "--no-progress", "--tune", "1.5"],
+         "--idle-seconds", "0.4", "--no-progress", "--tune", "0.5"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
