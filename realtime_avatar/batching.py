@@ -24,6 +24,7 @@ what still waits.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -85,12 +86,15 @@ class TickBatcher(Generic[Req, Res]):
         max_batch: int | None = None,
         size: Callable[[Req], int] = lambda _: 1,
         name: str = "batcher",
+        executor: concurrent.futures.Executor | None = None,
     ):
         """process: the batch function (runs in a worker thread, one call at a time);
         tick_s: batches start on multiples of this after start() (0: as soon as one waits);
         max_pending: requests that may wait; max_batch: items per process() call (a request
-        is never split; None: no limit); size: items in a request (frames, windows)."""
+        is never split; None: no limit); size: items in a request (frames, windows);
+        executor: where process() runs (None: the loop's default thread pool)."""
         self.process = process
+        self.executor = executor
         self.tick_s = tick_s
         self.max_batch = max_batch
         self.size = size
@@ -195,7 +199,7 @@ class TickBatcher(Generic[Req, Res]):
             requests = [p.request for p in batch]
             start = time.perf_counter()
             try:
-                results = await asyncio.to_thread(self.process, requests)
+                results = await asyncio.get_running_loop().run_in_executor(self.executor, self.process, requests)
             except asyncio.CancelledError:
                 for p in batch:
                     p.future.cancel()

@@ -9,6 +9,7 @@ windows have the model's window length). DESIGN.md 11: on an H200, 64 windows of
 
 from __future__ import annotations
 
+import concurrent.futures
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,6 +39,9 @@ class EncoderBatcher:
         self._batcher: TickBatcher | None = None
         self._loop = None
         self.calls = 0
+        # batches on one thread of their own: cuDNN/cuBLAS handles are per Python thread, so a
+        # pool thread seen for the first time would create them mid-session (see FrameEngine)
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="whisper-encoder")
 
     def encode_now(self, requests: Sequence[EncodeRequest]) -> list[torch.Tensor]:
         """[T,5,384] hidden states of each window (same order): one encoder call per window
@@ -62,7 +66,7 @@ class EncoderBatcher:
         loop = asyncio.get_running_loop()
         if self._batcher is None or self._loop is not loop:
             self._batcher = TickBatcher(self.encode_now, tick_s=self.tick_s, max_pending=self.max_pending,
-                                        name="whisper-encoder")
+                                        name="whisper-encoder", executor=self._executor)
             self._loop = loop
         return await self._batcher.submit(EncodeRequest(mel, position_offset, layout))
 

@@ -254,6 +254,37 @@ def test_compiled_keeps_a_graph_for_every_bucket(runtime, avatars, windows, monk
         torch._dynamo.reset()
 
 
+def test_every_device_call_runs_on_the_engine_thread(runtime, avatars, windows):
+    """PyTorch keeps cuDNN handles and CUDA graph trees per Python thread: warm-up, direct
+    calls from any thread and the sessions' batches must all run the model on one thread."""
+    import threading
+
+    engine = FrameEngine(runtime.model, "cpu")
+    seen: list[str] = []
+    render = engine._render
+
+    def watched(latents, audio):
+        seen.append(threading.current_thread().name)
+        return render(latents, audio)
+
+    engine._render = watched
+    slot = engine.add_avatar(avatars[0])
+    engine.warm_up()
+    direct = engine.render_now([FrameRequest(slot, (0, 1), windows[:2])])[0]
+
+    async def sessions():
+        from_thread = await asyncio.to_thread(engine.render_now, [FrameRequest(slot, (2,), windows[2:3])])
+        batched = await asyncio.gather(*(engine.render(FrameRequest(slot, (k,), windows[k : k + 1])) for k in range(3)))
+        await engine.close()
+        return from_thread[0], batched
+
+    from_thread, batched = asyncio.run(sessions())
+    assert len(seen) >= 4 and set(seen) == {seen[0]} and seen[0].startswith("frame-engine")
+    assert_within_one_level(direct + from_thread, reference_frames(runtime.model, avatars[0], [0, 1, 2], windows[:3]))
+    assert_within_one_level([f for fs in batched for f in fs],
+                            reference_frames(runtime.model, avatars[0], [0, 1, 2], windows[:3]))
+
+
 def test_the_engine_renders_yuv420p_frames_the_encoder_takes(runtime, avatars, windows):
     engine = FrameEngine(runtime.model, "cpu", frame_format="yuv420p")
     slot = engine.add_avatar(avatars[0])
