@@ -5,8 +5,9 @@
     # there (Python 3.12, torch + CUDA, numpy, OpenCV; no network, no downloads)
     python benchmarks/gpu_check.py --carry gpu_check_carry --out $OUT/gpu_check.json
 
-Under 5 minutes on an H200 (compiling the buckets is most of it; --quick for less). It never
-downloads anything. What a bare image may lack, and what happens then:
+Under 5 minutes on an H200 (2026-11-30: 227 s, of which compiling the buckets ~2 min; --quick
+for less; --configs/--levels/--skip-tests/--skip-encoder for a part alone). It never downloads
+anything. Its results so far: benchmarks/results/gpu_check_h200.json. What a bare image may lack, and what happens then:
 
     pytest, pluggy, iniconfig, packaging,   pure Python: copied into the carry folder by --pack
     openai-whisper, tqdm
