@@ -7,7 +7,9 @@
 
 Under 5 minutes on an H200 (2026-11-30: 227 s, of which compiling the buckets ~2 min; --quick
 for less; --configs/--levels/--skip-tests/--skip-encoder for a part alone). It never downloads
-anything. Its results so far: benchmarks/results/gpu_check_h200.json. What a bare image may lack, and what happens then:
+anything. Its results so far: benchmarks/results/gpu_check_h200.json.
+
+What a bare image may lack, and what happens then:
 
     pytest, pluggy, iniconfig, packaging,   pure Python: copied into the carry folder by --pack
     openai-whisper, tqdm
