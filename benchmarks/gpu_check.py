@@ -207,7 +207,7 @@ def run_benchmark(model, avatar, cuda: bool, quick: bool, deadline: float, save,
     import torch
 
     from bench_frame_engine import synthetic, throughput
-    from realtime_avatar.frame_engine import FrameEngine
+    from realtime_avatar.frame_engine import BUCKETS, FrameEngine
 
     windows = torch.randn(256, 50, 384, generator=torch.Generator().manual_seed(0)).numpy().astype(np.float32)
     if cuda:
@@ -237,7 +237,7 @@ def run_benchmark(model, avatar, cuda: bool, quick: bool, deadline: float, save,
         try:
             m = model if device == "cpu" else CompactModel(copy.deepcopy(model.net), device=device, notes=model.notes)
             engine = FrameEngine(m, device, step=step, frame_format=fmt,
-                                 buckets=GPU_BUCKETS if step == "compiled" else frame_engine_buckets())
+                                 buckets=GPU_BUCKETS if step == "compiled" else BUCKETS)
             slot = engine.add_avatar(avatar)
             row["precision"] = engine.precision
             row["warm_up_s"] = round(engine.warm_up(), 1)
@@ -252,12 +252,6 @@ def run_benchmark(model, avatar, cuda: bool, quick: bool, deadline: float, save,
         row["part_s"] = round(time.monotonic() - t0, 1)
         save(rows)
     return rows
-
-
-def frame_engine_buckets():
-    from realtime_avatar.frame_engine import BUCKETS
-
-    return BUCKETS
 
 
 def run_encoder_batching(cuda: bool) -> list[dict]:

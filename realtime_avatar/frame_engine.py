@@ -407,16 +407,11 @@ class FrameEngine:
         if self._batcher is None or self._batcher_loop is not loop:
             # one per event loop (a test or tool may run several loops one after the other)
             self._batcher = TickBatcher(
-                self._process, tick_s=self.tick_s, max_pending=self.max_pending, max_batch=self.buckets[-1],
+                self.render_now, tick_s=self.tick_s, max_pending=self.max_pending, max_batch=self.buckets[-1],
                 size=lambda r: len(r.positions), name="frame-engine", executor=self._executor,
             )
             self._batcher_loop = loop
         return self._batcher
-
-    def _process(self, requests: Sequence[FrameRequest]) -> list[list[np.ndarray]]:
-        # runs on the engine's thread (the batcher's executor); each request's frames are
-        # already in memory of their own (_to_host)
-        return self.on_engine_thread(self._render_here, requests)
 
     async def render(self, request: FrameRequest, *, probe: bool = False) -> list[np.ndarray]:
         """The frames of `request`, rendered in the next tick's batch together with every
