@@ -135,6 +135,11 @@ class TrainSettings:
     # re-heard (hear_clip) instead of made again, and its latents reused (same init encoder)
     clips_from: Path | None = None
     model: CompactConfig = DEFAULT_MODEL
+    # Distillation: a trained compact model whose encoder the run copies and keeps frozen (its
+    # latent space, so its runs' cached latents stay valid) and whose UNet's predicted latent is
+    # the UNet stage's latent target instead of the teacher frame's own latent (a smoother,
+    # reachable target for a smaller student). The image loss stays on the teacher frames.
+    teacher: Path | None = None
     # What the model hears (recorded in its metadata, read back by the runtime): the per-frame
     # audio window and the live encoder setting its training features are streamed with.
     window: AudioWindow = MUSETALK_WINDOW
@@ -146,6 +151,7 @@ class TrainSettings:
         d["video"] = None if self.video is None else str(self.video)
         d["init"] = None if self.init is None else str(self.init)
         d["clips_from"] = None if self.clips_from is None else str(self.clips_from)
+        d["teacher"] = None if self.teacher is None else str(self.teacher)
         d["model"] = json.loads(self.model.to_json())
         return d
 
@@ -529,6 +535,9 @@ class Trainer:
         self._last_checkpoint = run_clock()
         self._run_started = run_clock()
         self._spent_before = 0.0
+        self.teacher: CompactNet | None = None
+        if settings.teacher is not None:
+            self.teacher = CompactModel.load(settings.teacher).net.eval().requires_grad_(False)
 
     # -- bookkeeping
 
@@ -607,7 +616,9 @@ class Trainer:
     def _parameters(self, stage: str) -> list[dict]:
         s = self.settings
         if stage == "autoencoder":
-            params = list(self.net.encoder.parameters()) + list(self.net.decoder.parameters())
+            params = list(self.net.decoder.parameters())
+            if s.teacher is None:  # a distilled student keeps the teacher's encoder (and latents)
+                params = list(self.net.encoder.parameters()) + params
             return [{"params": params, "lr": s.lr_autoencoder, "scale": 1.0}]
         return [
             {"params": list(self.net.unet.parameters()), "lr": s.lr_unet, "scale": 1.0},
@@ -678,6 +689,9 @@ class Trainer:
         latents = torch.stack(inputs).contiguous(memory_format=torch.channels_last)
         windows = torch.from_numpy(np.stack(audio).astype(np.float32))
         images = to_images(np.stack(targets)) if with_images else None
+        if self.teacher is not None:  # distillation: the teacher model's answer is the latent target
+            with torch.no_grad():
+                return latents, windows, images, self.teacher.unet(latents, windows).float()
         return latents, windows, images, torch.stack(target_latents)
 
     def unet_step(self, latents, windows, targets, target_latents) -> tuple[float, float]:
@@ -768,6 +782,7 @@ def model_notes(settings: TrainSettings, progress: Progress) -> dict[str, str]:
         "train_seconds": f"{progress.spent_seconds:.0f}",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "trainer": "export.train",
+        **({} if settings.teacher is None else {"distilled_from": Path(settings.teacher).name}),
         "settings": json.dumps(settings.to_json(), sort_keys=True),
         "window_features": str(WINDOW_FEATURES),
     }
@@ -790,6 +805,7 @@ def export_snapshot(out: Path, path: Path | None = None) -> Path:
         out=Path(saved["out"]), minutes=saved["minutes"], clips=saved["clips"], seed=saved["seed"],
         video=None if saved["video"] is None else Path(saved["video"]), model=config,
         identities=saved.get("identities", "astronaut"), **hearing_from_json(saved),
+        teacher=None if saved.get("teacher") is None else Path(saved["teacher"]),
     )
     net = CompactNet(config)
     net.load_state_dict(state["net"])
@@ -838,7 +854,29 @@ def initial_net(settings: TrainSettings) -> CompactNet:
     if settings.init is not None:
         return CompactModel.load(settings.init).net.train().requires_grad_(True)
     torch.manual_seed(settings.seed)
-    return CompactNet(settings.model)
+    net = CompactNet(settings.model)
+    if settings.teacher is not None:
+        copy_from_teacher(net, CompactModel.load(settings.teacher).net)
+    return net
+
+
+def copy_from_teacher(student: CompactNet, teacher: CompactNet) -> list[str]:
+    """Give a distillation student the teacher's encoder (required: same latent space) and
+    every other part whose shape is the same (a student with the teacher's decoder keeps it).
+    Returns the parts copied. Raises ValueError when the encoders differ in shape."""
+    copied = []
+    for name in ("encoder", "decoder", "unet"):
+        mine, theirs = getattr(student, name), getattr(teacher, name)
+        same = mine.state_dict().keys() == theirs.state_dict().keys() and all(
+            v.shape == theirs.state_dict()[k].shape for k, v in mine.state_dict().items())
+        if same:
+            mine.load_state_dict(theirs.state_dict())
+            copied.append(name)
+        elif name == "encoder":
+            raise ValueError("the student must have the teacher's encoder (latent_channels and encoder_channels) "
+                             "to learn in its latent space")
+    log.info("from the teacher: %s", ", ".join(copied))
+    return copied
 
 
 def train(
@@ -864,7 +902,8 @@ def train(
         # whatever the command line says now
         settings = dataclasses.replace(settings, model=config, init=None, **hearing_from_json(saved),
                                        identities=saved.get("identities", "astronaut"),
-                                       clips=saved.get("clips", settings.clips), seed=saved.get("seed", settings.seed))
+                                       clips=saved.get("clips", settings.clips), seed=saved.get("seed", settings.seed),
+                                       teacher=None if saved.get("teacher") is None else Path(saved["teacher"]))
 
     clips = load_clips(settings)
     net = initial_net(settings)
@@ -964,9 +1003,44 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--unet-only", action="store_true",
                         help="with --init: keep the init's autoencoder, train the UNet only (what --clips-from's "
                              "latents need)")
+    m = parser.add_argument_group("model size (default: the shipped model's, UNet 32,64,128 and decoder 64,32,16)")
+    m.add_argument("--unet-channels", type=_widths, default=None,
+                   help="UNet widths at 32x32, 16x16, 8x8, e.g. 16,48,96")
+    m.add_argument("--decoder-channels", type=_widths, default=None,
+                   help="decoder widths from 32x32 up: three (ends at 128x128) or two (ends at 64x64, "
+                        "PixelShuffle(4): about half the decoder's cost), e.g. 32,16")
+    m.add_argument("--teacher", type=Path, default=None,
+                   help="distil from this trained compact model: its encoder is copied and frozen, its UNet's "
+                        "latents are the targets (e.g. a smaller, faster model from the default one)")
     parser.add_argument("--snapshot", action="store_true",
                         help="no training: save the model of OUT/checkpoint.pt (to --copy-to, else OUT/snapshot.safetensors)")
     return parser
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give widths as integers separated by commas, e.g. 16,48,96")
+    if any(w <= 0 for w in widths):
+        raise argparse.ArgumentTypeError(f"{text!r}: widths must be positive")
+    return widths
+
+
+def model_config(args) -> CompactConfig:
+    """The run's CompactConfig from --unet-channels/--decoder-channels (ValueError: a bad size)."""
+    config = DEFAULT_MODEL
+    if args.unet_channels is not None:
+        if len(args.unet_channels) != 3:
+            raise ValueError(f"--unet-channels needs three widths, got {args.unet_channels}")
+        config = dataclasses.replace(config, unet_channels=args.unet_channels)
+    if args.decoder_channels is not None:
+        config = dataclasses.replace(config, decoder_channels=args.decoder_channels)
+    try:
+        CompactNet(config)  # a shape that cannot be built (norm groups, attention heads), said here
+    except ValueError as exc:
+        raise ValueError(f"model size {config.unet_channels} / {config.decoder_channels}: {exc}") from exc
+    return config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -982,6 +1056,7 @@ def main(argv: list[str] | None = None) -> int:
         init = DEFAULT_COMPACT_WEIGHTS if DEFAULT_COMPACT_WEIGHTS.is_file() else None
     try:
         hearing = hearing_from_args(args)
+        config = model_config(args)
     except ValueError as exc:
         print(f"python -m export.train: {exc}", file=sys.stderr)
         return 2
@@ -989,8 +1064,15 @@ def main(argv: list[str] | None = None) -> int:
         out=args.out, minutes=args.minutes, clips=args.clips, seed=args.seed, video=args.video, init=init,
         batch_size=args.batch_size, precision=args.precision, threads=args.threads, workers=args.workers,
         checkpoint_minutes=args.checkpoint_minutes, identities=args.identities, clips_from=args.clips_from,
-        max_autoencoder_steps=0 if args.unet_only else None, **hearing,
+        max_autoencoder_steps=0 if args.unet_only else None, model=config, teacher=args.teacher, **hearing,
     )  # fmt: skip
+    if args.teacher is not None and (init is not None or args.video is not None):
+        print("python -m export.train: --teacher starts a student from the teacher's encoder: not with --init or --video",
+              file=sys.stderr)
+        return 2
+    if args.teacher is not None and not args.teacher.is_file():
+        print(f"python -m export.train: --teacher {args.teacher}: no such model file", file=sys.stderr)
+        return 2
     if args.unet_only and init is None:
         print("python -m export.train: --unet-only needs --init (the autoencoder to keep)", file=sys.stderr)
         return 2

@@ -75,6 +75,22 @@ def test_default_architecture_size_and_protocol():
     assert max(sizes) == PATCH_SIZE // 2
 
 
+def test_a_two_level_decoder_stops_at_64x64_and_shuffles_by_4():
+    # decoder_channels with two widths: no convolution past 64x64 (the fast model's decoder)
+    net = CompactNet(CompactConfig(decoder_channels=(32, 16)))
+    sizes = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: sizes.append(tuple(out.shape[1:])))
+             for m in net.decoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        image = net.decoder(torch.zeros(2, 8, 32, 32))
+    for hook in hooks:
+        hook.remove()
+    assert image.shape == (2, 3, PATCH_SIZE, PATCH_SIZE) and 0 < image.min() and image.max() < 1
+    assert max(size[-1] for size in sizes) == 64 and sizes[-1] == (3 * 16, 64, 64)
+    with pytest.raises(ValueError, match="2 or 3 widths"):
+        CompactNet(CompactConfig(decoder_channels=(64, 32, 16, 8)))
+
+
 def test_encode_render_shapes_dtypes_and_range(model):
     crops = face_crops(3)
     latents = model.encode(crops)

@@ -297,6 +297,51 @@ def test_train_crash_resume_and_export(tmp_path, clip_cache):
     assert patches.shape == (2, 256, 256, 3) and patches.dtype == np.uint8
 
 
+SMALL = dataclasses.replace(TINY, unet_channels=(8, 16, 32), decoder_channels=(8, 8))  # 64x64 + PixelShuffle(4)
+
+
+def test_a_smaller_student_distils_from_a_teacher_and_keeps_it_on_resume(tmp_path, clip_cache, capsys):
+    # python -m export.train --teacher T --unet-channels ... --decoder-channels ...
+    teacher_path = tmp_path / "teacher.safetensors"
+    CompactModel.random(TINY, seed=1).save(teacher_path)
+    teacher = CompactModel.load(teacher_path).net
+    out = tmp_path / "run"
+    (out / "clips").mkdir(parents=True)
+    for clip in load_cached(clip_cache):  # short clips: fewer latents to encode
+        shortened(clip, 24).save(out / "clips" / f"{clip.name}.npz")
+    settings = tiny_settings(out, model=SMALL, teacher=teacher_path, checkpoint_minutes=0.0,
+                             max_autoencoder_steps=2, max_unet_steps=3)
+
+    student = tr.initial_net(settings)  # the teacher's encoder; UNet and decoder of its own size
+    assert all(torch.equal(a, b) for a, b in zip(student.encoder.state_dict().values(), teacher.encoder.state_dict().values()))
+    assert student.decoder(torch.zeros(1, SMALL.latent_channels, 32, 32)).shape == (1, 3, 256, 256)
+    trainer = tr.Trainer(settings, tr.load_clips(settings), student)
+    trainer.latents = tr.encode_all(student.encoder, trainer.clips)
+    latents, windows, _, target = trainer.unet_batch(with_images=False)
+    with torch.no_grad():  # the latent target is the teacher's answer, not the frame's own latent
+        assert torch.allclose(target, teacher.unet(latents, windows), atol=1e-6)
+
+    def crash_at_unet_step_2(stage: str, step: int) -> None:
+        if stage == "unet" and step == 2:
+            raise Crash()
+
+    with pytest.raises(Crash):
+        tr.train(settings, on_step=crash_at_unet_step_2)
+    path = tr.train(dataclasses.replace(settings, teacher=None), resume=True)  # the run keeps its teacher
+    model = CompactModel.load(path)
+    assert model.config == SMALL and model.notes["distilled_from"] == "teacher.safetensors"
+    # the encoder stayed the teacher's through both stages (its latents and caches stay valid)
+    assert all(torch.equal(a, b) for a, b in zip(model.net.encoder.state_dict().values(), teacher.encoder.state_dict().values()))
+    assert not torch.equal(model.net.decoder.layers[0].weight, student.decoder.layers[0].weight)  # trained
+
+    assert tr.main(["--out", str(tmp_path / "x"), "--unet-channels", "16,47,96"]) == 2
+    assert "must be divisible" in capsys.readouterr().err
+    assert tr.main(["--out", str(tmp_path / "x"), "--teacher", str(tmp_path / "missing.safetensors")]) == 2
+    assert "no such model file" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="teacher's encoder"):
+        tr.copy_from_teacher(CompactNet(dataclasses.replace(SMALL, encoder_channels=(8, 8, 16))), teacher)
+
+
 def test_resume_without_checkpoint_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         tr.train(tiny_settings(tmp_path), resume=True)

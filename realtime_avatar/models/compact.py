@@ -7,7 +7,8 @@ Same data flow as MuseTalk, smaller everywhere:
                     64/128/256 channels, one ResBlock per level, cross-attention to the audio
                     tokens at 16x16 and 8x8; predicts a residual on the reference latent
     LatentDecoder   [N,C,32,32] -> [N,3,256,256]    light convs at 32/64/128, then a 12-channel
-                    conv + PixelShuffle(2): no convolution runs at full resolution
+                    conv + PixelShuffle(2) (or at 32/64, then 48 channels + PixelShuffle(4)):
+                    no convolution runs at full resolution
 
 C = 8 latent channels (not sd-vae's 4): the decoder is too small to invent detail, so the
 latent keeps more of it (256*256*3 / (8*32*32) = 24x compression instead of 48x); the
@@ -188,21 +189,29 @@ class LatentEncoder(nn.Module):
 
 
 class LatentDecoder(nn.Module):
-    """[N,C,32,32] -> [N,3,256,256] in [0,1]. Runs per rendered frame: kept tiny."""
+    """[N,C,32,32] -> [N,3,256,256] in [0,1]. Runs per rendered frame: kept tiny.
+
+    decoder_channels gives one width per resolution, from 32x32 up: three widths (32, 64, 128)
+    end in a 12-channel conv + PixelShuffle(2); two widths (32, 64) end in a 48-channel conv +
+    PixelShuffle(4), so that no convolution runs at 128x128 (about half the decoder's cost on a
+    2-core avx2 CPU, see the model card). Either way no convolution runs at full resolution.
+    """
 
     def __init__(self, config: CompactConfig):
         super().__init__()
-        d0, d1, d2 = config.decoder_channels
+        widths = tuple(config.decoder_channels)
+        if len(widths) not in (2, 3):
+            raise ValueError(f"decoder_channels needs 2 or 3 widths (32x32 up), got {widths}")
+        shuffle = PATCH_SIZE // (LATENT_SIZE * 2 ** (len(widths) - 1))  # 2 or 4
         up = nn.Upsample(scale_factor=2.0, mode="nearest")
-        self.layers = nn.Sequential(
-            conv3x3(config.latent_channels, d0), nn.SiLU(),  # 32x32
-            conv3x3(d0, d0), nn.SiLU(),
-            up, conv3x3(d0, d1), nn.SiLU(),  # 64x64
-            up, conv3x3(d1, d2), nn.SiLU(),  # 128x128
-            conv3x3(d2, 3 * 4),
-            nn.PixelShuffle(2),  # 12x128x128 -> 3x256x256
-            nn.Sigmoid(),
-        )  # fmt: skip
+        layers: list[nn.Module] = [
+            conv3x3(config.latent_channels, widths[0]), nn.SiLU(),  # 32x32
+            conv3x3(widths[0], widths[0]), nn.SiLU(),
+        ]  # fmt: skip
+        for before, width in zip(widths, widths[1:]):  # 64x64, then 128x128
+            layers += [up, conv3x3(before, width), nn.SiLU()]
+        layers += [conv3x3(widths[-1], 3 * shuffle * shuffle), nn.PixelShuffle(shuffle), nn.Sigmoid()]
+        self.layers = nn.Sequential(*layers)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         return self.layers(latents)
