@@ -89,7 +89,7 @@ def _to_48k(audio16: np.ndarray) -> np.ndarray:
 
 
 def run(args: argparse.Namespace, bench: common.BenchRuntime | None = None) -> dict:
-    bench = bench or common.load_bench_runtime(args.quick, threads=args.threads, backend=args.backend)
+    bench = bench or common.load_bench_runtime(args.quick, threads=args.threads, backend=args.backend, model=args.model)
     durations = [float(d) for d in (args.durations or ("3" if args.quick else "3,10,30")).split(",")]
     config = bench.runtime.session_config(args.session_batch)
     rows = []

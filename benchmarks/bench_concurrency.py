@@ -197,7 +197,7 @@ def plot(result: dict, plots: Path | None) -> list[str]:
 
 
 def run(args: argparse.Namespace, bench: common.BenchRuntime | None = None) -> dict:
-    bench = bench or common.load_bench_runtime(args.quick, threads=args.threads, backend=args.backend)
+    bench = bench or common.load_bench_runtime(args.quick, threads=args.threads, backend=args.backend, model=args.model)
     levels = [int(n) for n in (args.sessions or ("1,2" if args.quick else "1,2,4")).split(",")]
     seconds = args.seconds or (4.0 if args.quick else 20.0)
     texts = [common.SENTENCES[k % len(common.SENTENCES)] for k in range(int(seconds // 3) + 2)]

@@ -501,7 +501,7 @@ class GcPauses:
 
 
 def run(args: argparse.Namespace, bench: common.BenchRuntime | None = None) -> dict:
-    bench = bench or common.load_bench_runtime(args.quick, threads=args.threads, backend=args.backend,
+    bench = bench or common.load_bench_runtime(args.quick, threads=args.threads, backend=args.backend, model=args.model,
                                               frame_format="auto")  # as serve
     words = args.words or (3 if args.quick else 16)
     signal = common.onset_signal(common.onset_words(words), GAP_S, lead_s=LEAD_S, tail_s=0.5)

@@ -238,7 +238,7 @@ def plot(result: dict, plots: Path | None) -> list[str]:
 def run(args: argparse.Namespace, bench: common.BenchRuntime | None = None) -> dict:
     import torch
 
-    bench = bench or common.load_bench_runtime(args.quick, threads=args.threads, backend=args.backend)
+    bench = bench or common.load_bench_runtime(args.quick, threads=args.threads, backend=args.backend, model=args.model)
     result = common.header("frame_engine", args, bench)
     # other work on the cores makes every figure here a lower bound (the lead reruns on an idle machine)
     result["under_load"] = bool(common.competing_processes()) or os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1)

@@ -53,7 +53,7 @@ def render_batch_ms(bench: common.BenchRuntime, batch: int, repeats: int) -> flo
 
 
 def run(args: argparse.Namespace, bench: common.BenchRuntime | None = None) -> dict:
-    bench = bench or common.load_bench_runtime(args.quick, threads=args.threads, backend=args.backend)
+    bench = bench or common.load_bench_runtime(args.quick, threads=args.threads, backend=args.backend, model=args.model)
     encoder = bench.runtime.encoder
     lookaheads = [float(x) for x in (args.lookaheads or ("0,0.5" if args.quick else ",".join(map(str, LOOKAHEADS)))).split(",")]
     windows = [float(x) for x in (args.windows or ("2" if args.quick else ",".join(map(str, WINDOWS)))).split(",")]

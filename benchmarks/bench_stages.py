@@ -216,7 +216,7 @@ def bench_video_encode(frames: list[np.ndarray], repeats: int) -> list[dict]:
 
 
 def run(args: argparse.Namespace, bench: common.BenchRuntime | None = None) -> dict:
-    bench = bench or common.load_bench_runtime(args.quick, threads=args.threads, backend=args.backend)
+    bench = bench or common.load_bench_runtime(args.quick, threads=args.threads, backend=args.backend, model=args.model)
     rt = bench.runtime
     repeats = args.repeats or (3 if args.quick else 60)
     batches = [int(b) for b in (args.batches or ("1,4" if args.quick else "1,4,8")).split(",")]

@@ -243,7 +243,7 @@ def plot(result: dict, plots: Path | None) -> list[str]:
 
 
 def run(args: argparse.Namespace, bench: common.BenchRuntime | None = None) -> dict:
-    bench = bench or common.load_bench_runtime(args.quick, threads=args.threads, backend=args.backend)
+    bench = bench or common.load_bench_runtime(args.quick, threads=args.threads, backend=args.backend, model=args.model)
     seconds = args.seconds or (30.0 if args.quick else 600.0)
     signal = speech_and_silence(seconds)
     config = bench.runtime.session_config(args.session_batch)

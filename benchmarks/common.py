@@ -193,7 +193,7 @@ def machine_info() -> dict[str, Any]:
 @dataclass(frozen=True)
 class BenchRuntime:
     runtime: Any  # realtime_avatar.runtime.Runtime
-    weights: str  # "trained" or "random"
+    weights: str  # "trained", "random", or "trained: <model spec>" (a candidate model)
     load_seconds: float
 
     def describe(self) -> dict[str, Any]:
@@ -213,11 +213,12 @@ class BenchRuntime:
 
 
 def load_bench_runtime(quick: bool, batch_size: int = 8, threads: int = 2, backend: str | None = None,
-                       frame_format: str = "bgr24") -> BenchRuntime:
+                       frame_format: str = "bgr24", model: str = "default") -> BenchRuntime:
     """The runtime `realtime-avatar serve` uses: the default model (trained weights when they are
-    installed, else random ones: the same compute) on load_runtime's default render backend
-    (or `backend`), and the bundled astronaut avatar. --quick uses a 10-frame idle cycle of the
-    same face so that preparing it and its idle frames is fast."""
+    installed, else random ones: the same compute; or the model spec `model`, e.g. a candidate
+    `compact:/path.safetensors`) on load_runtime's default render backend (or `backend`), and
+    the bundled astronaut avatar. --quick uses a 10-frame idle cycle of the same face so that
+    preparing it and its idle frames is fast."""
     import warnings
 
     import torch
@@ -238,18 +239,21 @@ def load_bench_runtime(quick: bool, batch_size: int = 8, threads: int = 2, backe
     if quick:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # the random-weights notice
-            model = load_model("default", allow_random=True)
+            renderer = load_model(model, allow_random=True)
         source = default_avatar_source()
-        out_dir = avatar_cache_root() / "avatars" / f"bench-quick-{default_avatar_dir(source, model).name}"
-        load_or_prepare_avatar(source, out_dir, model, AvatarSettings(idle_seconds=QUICK_AVATAR_IDLE_S),
+        out_dir = avatar_cache_root() / "avatars" / f"bench-quick-{default_avatar_dir(source, renderer).name}"
+        load_or_prepare_avatar(source, out_dir, renderer, AvatarSettings(idle_seconds=QUICK_AVATAR_IDLE_S),
                                progress=False)
         avatar = out_dir
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         extra = {} if backend is None else {"backend": backend}
-        runtime = load_runtime("default", avatar, allow_random=True, batch_size=batch_size, threads=threads, frame_format=frame_format,
+        runtime = load_runtime(model, avatar, allow_random=True, batch_size=batch_size, threads=threads, frame_format=frame_format,
                                progress=False, **extra)
-    weights = "trained" if DEFAULT_COMPACT_WEIGHTS.is_file() else "random"
+    if model != "default":
+        weights = f"trained: {model}"
+    else:
+        weights = "trained" if DEFAULT_COMPACT_WEIGHTS.is_file() else "random"
     return BenchRuntime(runtime, weights, time.perf_counter() - t0)
 
 
@@ -512,6 +516,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plots", type=Path, default=None, help="write PNG plots into this directory")
     parser.add_argument("--backend", default=None,
                         help="render backend of the runtime (torch, onnx, auto; default: what serve uses)")
+    parser.add_argument("--model", default="default",
+                        help="renderer model spec, e.g. compact:/path/to/file.safetensors (default: the shipped model)")
 
 
 def finish(result: dict[str, Any], args: argparse.Namespace, markdown: Callable[[dict], str]) -> dict[str, Any]:

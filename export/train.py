@@ -140,6 +140,7 @@ class TrainSettings:
     # the UNet stage's latent target instead of the teacher frame's own latent (a smoother,
     # reachable target for a smaller student). The image loss stays on the teacher frames.
     teacher: Path | None = None
+    autoencoder_share: float = AUTOENCODER_SHARE  # of the time after data preparation
     # What the model hears (recorded in its metadata, read back by the runtime): the per-frame
     # audio window and the live encoder setting its training features are streamed with.
     window: AudioWindow = MUSETALK_WINDOW
@@ -932,7 +933,7 @@ def train(
     # time): the autoencoder gets its share of the time after data preparation, the UNet the rest.
     latent_cost = LATENT_PASS_SECONDS_PER_FRAME * frames
     if p.stage == "autoencoder":
-        ae_budget = AUTOENCODER_SHARE * max(budget - p.data_seconds - latent_cost, 0.0)
+        ae_budget = settings.autoencoder_share * max(budget - p.data_seconds - latent_cost, 0.0)
         if settings.init is not None and settings.video is not None:
             ae_budget *= 0.5  # a personal model starts from a trained autoencoder
         trainer.run_stage("autoencoder", ae_budget, settings.max_autoencoder_steps, on_step)
@@ -1009,6 +1010,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--decoder-channels", type=_widths, default=None,
                    help="decoder widths from 32x32 up: three (ends at 128x128) or two (ends at 64x64, "
                         "PixelShuffle(4): about half the decoder's cost), e.g. 32,16")
+    m.add_argument("--autoencoder-share", type=float, default=d.autoencoder_share,
+                   help=f"share of the training time for the autoencoder stage (default {d.autoencoder_share:g}; "
+                        "a distilled student trains only its decoder there and needs less)")
     m.add_argument("--teacher", type=Path, default=None,
                    help="distil from this trained compact model: its encoder is copied and frozen, its UNet's "
                         "latents are the targets (e.g. a smaller, faster model from the default one)")
@@ -1064,10 +1068,15 @@ def main(argv: list[str] | None = None) -> int:
         out=args.out, minutes=args.minutes, clips=args.clips, seed=args.seed, video=args.video, init=init,
         batch_size=args.batch_size, precision=args.precision, threads=args.threads, workers=args.workers,
         checkpoint_minutes=args.checkpoint_minutes, identities=args.identities, clips_from=args.clips_from,
-        max_autoencoder_steps=0 if args.unet_only else None, model=config, teacher=args.teacher, **hearing,
+        max_autoencoder_steps=0 if args.unet_only else None, model=config, teacher=args.teacher,
+        autoencoder_share=args.autoencoder_share, **hearing,
     )  # fmt: skip
     if args.teacher is not None and (init is not None or args.video is not None):
         print("python -m export.train: --teacher starts a student from the teacher's encoder: not with --init or --video",
+              file=sys.stderr)
+        return 2
+    if not 0.0 <= args.autoencoder_share < 1.0:
+        print(f"python -m export.train: --autoencoder-share {args.autoencoder_share:g}: give a share in [0, 1)",
               file=sys.stderr)
         return 2
     if args.teacher is not None and not args.teacher.is_file():

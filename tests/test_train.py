@@ -338,6 +338,8 @@ def test_a_smaller_student_distils_from_a_teacher_and_keeps_it_on_resume(tmp_pat
     assert "must be divisible" in capsys.readouterr().err
     assert tr.main(["--out", str(tmp_path / "x"), "--teacher", str(tmp_path / "missing.safetensors")]) == 2
     assert "no such model file" in capsys.readouterr().err
+    assert tr.main(["--out", str(tmp_path / "x"), "--autoencoder-share", "1.5"]) == 2
+    assert "give a share in [0, 1)" in capsys.readouterr().err
     with pytest.raises(ValueError, match="teacher's encoder"):
         tr.copy_from_teacher(CompactNet(dataclasses.replace(SMALL, encoder_channels=(8, 8, 16))), teacher)
 
