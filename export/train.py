@@ -867,11 +867,9 @@ def copy_from_teacher(student: CompactNet, teacher: CompactNet) -> list[str]:
     Returns the parts copied. Raises ValueError when the encoders differ in shape."""
     copied = []
     for name in ("encoder", "decoder", "unet"):
-        mine, theirs = getattr(student, name), getattr(teacher, name)
-        same = mine.state_dict().keys() == theirs.state_dict().keys() and all(
-            v.shape == theirs.state_dict()[k].shape for k, v in mine.state_dict().items())
-        if same:
-            mine.load_state_dict(theirs.state_dict())
+        mine, theirs = getattr(student, name).state_dict(), getattr(teacher, name).state_dict()
+        if mine.keys() == theirs.keys() and all(v.shape == theirs[k].shape for k, v in mine.items()):
+            getattr(student, name).load_state_dict(theirs)
             copied.append(name)
         elif name == "encoder":
             raise ValueError("the student must have the teacher's encoder (latent_channels and encoder_channels) "
