@@ -140,6 +140,12 @@ class TrainSettings:
     # the UNet stage's latent target instead of the teacher frame's own latent (a smoother,
     # reachable target for a smaller student). The image loss stays on the teacher frames.
     teacher: Path | None = None
+    # Distillation only: the share of UNet steps on blended inputs (pairs of the batch's latents
+    # and audio windows mixed at random ratios) whose only target is the teacher's answer on the
+    # same blend: "function matching" (Beyer et al. 2022, "Knowledge distillation: A good teacher
+    # is patient and consistent"), which teaches the student the teacher's function around the
+    # training inputs, not only at them (unseen faces lie between the training faces).
+    function_matching: float = 0.0
     autoencoder_share: float = AUTOENCODER_SHARE  # of the time after data preparation
     # What the model hears (recorded in its metadata, read back by the runtime): the per-frame
     # audio window and the live encoder setting its training features are streamed with.
@@ -677,6 +683,32 @@ class Trainer:
 
     def unet_batch(self, with_images: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(latents [B,2C,32,32], audio [B,50,384], target images (or None), target latents)."""
+        latents, windows, images, target_latents = self._draw_unet_inputs(with_images)
+        if self.teacher is not None:  # distillation: the teacher model's answer is the latent target
+            return latents, windows, images, self._teacher_answer(latents, windows)
+        return latents, windows, images, target_latents
+
+    def mixed_batch(self) -> tuple[torch.Tensor, torch.Tensor, None, torch.Tensor]:
+        """A function-matching batch (distillation only): each sample's latents and audio window
+        blended with another sample's (independent ratios uniform in [0, 1]), the teacher's answer
+        on the blend as the latent target, no image target (no teacher frame shows a blend)."""
+        if self.teacher is None:
+            raise RuntimeError("mixed batches need a teacher model (TrainSettings.teacher)")
+        latents, windows, _, _ = self._draw_unet_inputs(with_images=False)
+        n = len(latents)
+        partner = torch.from_numpy(self.rng.permutation(n))
+        ratio = torch.from_numpy(self.rng.uniform(size=(2, n)).astype(np.float32))
+        a, w = ratio[0].view(n, 1, 1, 1), ratio[1].view(n, 1, 1)
+        latents = (a * latents + (1 - a) * latents[partner]).contiguous(memory_format=torch.channels_last)
+        windows = w * windows + (1 - w) * windows[partner]
+        return latents, windows, None, self._teacher_answer(latents, windows)
+
+    @torch.no_grad()
+    def _teacher_answer(self, latents: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+        assert self.teacher is not None
+        return self.teacher.unet(latents, windows).float()
+
+    def _draw_unet_inputs(self, with_images: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
         assert self.latents is not None
         s, lat = self.settings, self.latents
         inputs, audio, targets, target_latents = [], [], [], []
@@ -690,9 +722,6 @@ class Trainer:
         latents = torch.stack(inputs).contiguous(memory_format=torch.channels_last)
         windows = torch.from_numpy(np.stack(audio).astype(np.float32))
         images = to_images(np.stack(targets)) if with_images else None
-        if self.teacher is not None:  # distillation: the teacher model's answer is the latent target
-            with torch.no_grad():
-                return latents, windows, images, self.teacher.unet(latents, windows).float()
         return latents, windows, images, torch.stack(target_latents)
 
     def unet_step(self, latents, windows, targets, target_latents) -> tuple[float, float]:
@@ -726,29 +755,36 @@ class Trainer:
         self.net.train()
         base = self.settings.lr_autoencoder if stage == "autoencoder" else self.settings.lr_unet
         t_stage = run_clock() - p.stage_seconds
-        running: list[float] = []
+        running: list[float] = []  # the logged loss: image loss of the regular steps
+        mixed: list[float] = []  # latent loss of the function-matching steps
+        with_images, latent_loss = False, float("nan")
         log.info("stage %s: %.0f s budget from step %d", stage, p.stage_budget, p.step)
         while p.stage_seconds < p.stage_budget and (max_steps is None or p.step < max_steps):
             self._set_lr(base)
             if stage == "autoencoder":
-                losses = (self.autoencoder_step(*self.autoencoder_batch()),)
+                running.append(self.autoencoder_step(*self.autoencoder_batch()))
+            elif self.teacher is not None and self.rng.random() < self.settings.function_matching:
+                mixed.append(self.unet_step(*self.mixed_batch())[1])
             else:
                 with_images = p.stage_seconds >= LATENT_ONLY_SHARE * p.stage_budget
-                losses = self.unet_step(*self.unet_batch(with_images))
-            running.append(losses[0])
+                image_loss_value, latent_loss = self.unet_step(*self.unet_batch(with_images))
+                running.append(image_loss_value)
             p.step += 1
             p.stage_seconds = run_clock() - t_stage
-            if p.step % self.settings.log_every == 0 or p.step == 1:
+            if (p.step % self.settings.log_every == 0 or p.step == 1) and running:
                 lr = self.optimizer.param_groups[0]["lr"]  # type: ignore[union-attr]
                 fields = {"stage": stage, "step": p.step, "loss": float(np.mean(running)), "lr": lr}
                 if stage == "unet":
-                    fields["latent_loss"] = losses[1]
+                    fields["latent_loss"] = latent_loss
                     fields["image_phase"] = bool(with_images)
+                    if mixed:
+                        fields["matching_loss"] = float(np.mean(mixed))
+                        fields["matching_steps"] = len(mixed)
                 self.log_line(**fields)
                 log.info("%s step %d  loss %.4f  lr %.2e  %.0f/%.0f s  %.1f samples/s", stage, p.step,
                          fields["loss"], lr, p.stage_seconds, p.stage_budget,
                          p.step * self.settings.batch_size / max(p.stage_seconds, 1e-6))
-                running = []
+                running, mixed = [], []
             self._maybe_checkpoint()
             if on_step is not None:
                 on_step(stage, p.step)
@@ -784,6 +820,7 @@ def model_notes(settings: TrainSettings, progress: Progress) -> dict[str, str]:
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "trainer": "export.train",
         **({} if settings.teacher is None else {"distilled_from": Path(settings.teacher).name}),
+        **({} if not settings.function_matching else {"function_matching": f"{settings.function_matching:g}"}),
         "settings": json.dumps(settings.to_json(), sort_keys=True),
         "window_features": str(WINDOW_FEATURES),
     }
@@ -1014,6 +1051,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--teacher", type=Path, default=None,
                    help="distil from this trained compact model: its encoder is copied and frozen, its UNet's "
                         "latents are the targets (e.g. a smaller, faster model from the default one)")
+    m.add_argument("--function-matching", type=float, default=d.function_matching,
+                   help="with --teacher: share of the UNet steps on blended inputs (two samples' latents and audio "
+                        "mixed) whose only target is the teacher's answer, e.g. 0.5 (default 0: none); helps the "
+                        "student follow the teacher on faces it never saw (a --resume may change it)")
     parser.add_argument("--snapshot", action="store_true",
                         help="no training: save the model of OUT/checkpoint.pt (to --copy-to, else OUT/snapshot.safetensors)")
     return parser
@@ -1067,7 +1108,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size, precision=args.precision, threads=args.threads, workers=args.workers,
         checkpoint_minutes=args.checkpoint_minutes, identities=args.identities, clips_from=args.clips_from,
         max_autoencoder_steps=0 if args.unet_only else None, model=config, teacher=args.teacher,
-        autoencoder_share=args.autoencoder_share, **hearing,
+        autoencoder_share=args.autoencoder_share, function_matching=args.function_matching, **hearing,
     )  # fmt: skip
     if args.teacher is not None and (init is not None or args.video is not None):
         print("python -m export.train: --teacher starts a student from the teacher's encoder: not with --init or --video",
@@ -1076,6 +1117,13 @@ def main(argv: list[str] | None = None) -> int:
     if not 0.0 <= args.autoencoder_share < 1.0:
         print(f"python -m export.train: --autoencoder-share {args.autoencoder_share:g}: give a share in [0, 1)",
               file=sys.stderr)
+        return 2
+    if not 0.0 <= args.function_matching < 1.0:
+        print(f"python -m export.train: --function-matching {args.function_matching:g}: give a share in [0, 1)",
+              file=sys.stderr)
+        return 2
+    if args.function_matching > 0 and args.teacher is None and not args.resume:
+        print("python -m export.train: --function-matching needs --teacher (the answers to match)", file=sys.stderr)
         return 2
     if args.teacher is not None and not args.teacher.is_file():
         print(f"python -m export.train: --teacher {args.teacher}: no such model file", file=sys.stderr)

@@ -321,15 +321,37 @@ def test_a_smaller_student_distils_from_a_teacher_and_keeps_it_on_resume(tmp_pat
     with torch.no_grad():  # the latent target is the teacher's answer, not the frame's own latent
         assert torch.allclose(target, teacher.unet(latents, windows), atol=1e-6)
 
+    # function matching: blends of two samples' inputs, the teacher's answer on the blend as target
+    trainer.rng = np.random.default_rng(7)
+    plain, plain_windows, _, _ = trainer._draw_unet_inputs(with_images=False)
+    trainer.rng = np.random.default_rng(7)
+    mixed, mixed_windows, images, target = trainer.mixed_batch()
+    assert images is None and mixed.shape == plain.shape and mixed_windows.shape == plain_windows.shape
+    assert not torch.allclose(mixed, plain)
+    with torch.no_grad():
+        assert torch.allclose(target, teacher.unet(mixed, mixed_windows), atol=1e-6)
+
+    def on_a_segment(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
+        t = float(((x - b) * (a - b)).sum() / ((a - b) ** 2).sum().clamp_min(1e-12))
+        return 0.0 <= t <= 1.0 and torch.allclose(x, t * a + (1 - t) * b, atol=1e-5)
+
+    for k in range(len(plain)):  # each input is a blend of its own draw and one other draw
+        assert any(on_a_segment(mixed[k], plain[k], plain[j]) for j in range(len(plain)))
+        assert any(on_a_segment(mixed_windows[k], plain_windows[k], plain_windows[j]) for j in range(len(plain)))
+
     def crash_at_unet_step_2(stage: str, step: int) -> None:
         if stage == "unet" and step == 2:
             raise Crash()
 
     with pytest.raises(Crash):
         tr.train(settings, on_step=crash_at_unet_step_2)
-    path = tr.train(dataclasses.replace(settings, teacher=None), resume=True)  # the run keeps its teacher
+    # the run keeps its teacher; the matching share may change on a resume
+    path = tr.train(dataclasses.replace(settings, teacher=None, function_matching=0.9, max_unet_steps=12), resume=True)
     model = CompactModel.load(path)
     assert model.config == SMALL and model.notes["distilled_from"] == "teacher.safetensors"
+    assert model.notes["function_matching"] == "0.9"
+    logged = [json.loads(line) for line in (out / tr.LOG_FILE).read_text().splitlines()]
+    assert sum(line.get("matching_steps", 0) for line in logged) >= 1  # steps on blends were taken
     # the encoder stayed the teacher's through both stages (its latents and caches stay valid)
     assert all(torch.equal(a, b) for a, b in zip(model.net.encoder.state_dict().values(), teacher.encoder.state_dict().values()))
     assert not torch.equal(model.net.decoder.layers[0].weight, student.decoder.layers[0].weight)  # trained
@@ -339,6 +361,10 @@ def test_a_smaller_student_distils_from_a_teacher_and_keeps_it_on_resume(tmp_pat
     assert tr.main(["--out", str(tmp_path / "x"), "--teacher", str(tmp_path / "missing.safetensors")]) == 2
     assert "no such model file" in capsys.readouterr().err
     assert tr.main(["--out", str(tmp_path / "x"), "--autoencoder-share", "1.5"]) == 2
+    assert "give a share in [0, 1)" in capsys.readouterr().err
+    assert tr.main(["--out", str(tmp_path / "x"), "--function-matching", "0.5"]) == 2
+    assert "needs --teacher" in capsys.readouterr().err
+    assert tr.main(["--out", str(tmp_path / "x"), "--function-matching", "1"]) == 2
     assert "give a share in [0, 1)" in capsys.readouterr().err
     with pytest.raises(ValueError, match="teacher's encoder"):
         tr.copy_from_teacher(CompactNet(dataclasses.replace(SMALL, encoder_channels=(8, 8, 16))), teacher)

@@ -99,7 +99,9 @@ def test_ctrl_c_keeps_last_checkpoint(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(
         [sys.executable, "-m", "realtime_avatar.cli", "prepare", str(photo_or_skip("men/91")), "--out", str(out),
-         "--idle-seconds", "0.4", "--no-progress", "--tune", "0.5"],
+         # 2 minutes: a checkpoint every 12 s, and the SIGINT (2 s after the first) lands long
+         # before the end (with 0.5 a slow first step once let the run finish first: exit 0)
+         "--idle-seconds", "0.4", "--no-progress", "--tune", "2"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
