@@ -335,9 +335,11 @@ def test_a_smaller_student_distils_from_a_teacher_and_keeps_it_on_resume(tmp_pat
         t = float(((x - b) * (a - b)).sum() / ((a - b) ** 2).sum().clamp_min(1e-12))
         return 0.0 <= t <= 1.0 and torch.allclose(x, t * a + (1 - t) * b, atol=1e-5)
 
-    for k in range(len(plain)):  # each input is a blend of its own draw and one other draw
-        assert any(on_a_segment(mixed[k], plain[k], plain[j]) for j in range(len(plain)))
-        assert any(on_a_segment(mixed_windows[k], plain_windows[k], plain_windows[j]) for j in range(len(plain)))
+    c = plain.shape[1] // 2
+    for k in range(len(plain)):  # each part is a blend of its own draw's and one other draw's
+        assert any(on_a_segment(mixed[k, :c], plain[k, :c], plain[j, :c])  # masked latent
+                   and on_a_segment(mixed[k, c:], plain[k, c:], plain[j, c:])  # reference latent
+                   and on_a_segment(mixed_windows[k], plain_windows[k], plain_windows[j]) for j in range(len(plain)))
 
     def crash_at_unet_step_2(stage: str, step: int) -> None:
         if stage == "unet" and step == 2:
@@ -346,10 +348,10 @@ def test_a_smaller_student_distils_from_a_teacher_and_keeps_it_on_resume(tmp_pat
     with pytest.raises(Crash):
         tr.train(settings, on_step=crash_at_unet_step_2)
     # the run keeps its teacher; the matching share may change on a resume
-    path = tr.train(dataclasses.replace(settings, teacher=None, function_matching=0.9, max_unet_steps=12), resume=True)
+    path = tr.train(dataclasses.replace(settings, teacher=None, function_matching=0.5, max_unet_steps=12), resume=True)
     model = CompactModel.load(path)
     assert model.config == SMALL and model.notes["distilled_from"] == "teacher.safetensors"
-    assert model.notes["function_matching"] == "0.9"
+    assert model.notes["function_matching"] == "0.5"
     logged = [json.loads(line) for line in (out / tr.LOG_FILE).read_text().splitlines()]
     assert sum(line.get("matching_steps", 0) for line in logged) >= 1  # steps on blends were taken
     # the encoder stayed the teacher's through both stages (its latents and caches stay valid)
