@@ -140,9 +140,9 @@ class TrainSettings:
     # the UNet stage's latent target instead of the teacher frame's own latent (a smoother,
     # reachable target for a smaller student). The image loss stays on the teacher frames.
     teacher: Path | None = None
-    # Distillation only: the share of UNet steps on blended inputs (pairs of the batch's latents
-    # and audio windows mixed at random ratios) whose only target is the teacher's answer on the
-    # same blend: "function matching" (Beyer et al. 2022, "Knowledge distillation: A good teacher
+    # Distillation only: the share of UNet steps on blended inputs (Trainer.mixed_batch: masked
+    # face, reference and audio of two samples mixed, each at its own ratio) whose only target is
+    # the teacher's answer on the same blend: "function matching" (Beyer et al. 2022, "Knowledge distillation: A good teacher
     # is patient and consistent"), which teaches the student the teacher's function around the
     # training inputs, not only at them (unseen faces lie between the training faces).
     function_matching: float = 0.0
