@@ -99,8 +99,9 @@ def test_ctrl_c_keeps_last_checkpoint(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(
         [sys.executable, "-m", "realtime_avatar.cli", "prepare", str(photo_or_skip("men/91")), "--out", str(out),
-         # 2 minutes: a checkpoint every 12 s, and the SIGINT (2 s after the first) lands long
-         # before the end (with 0.5 a slow first step once let the run finish first: exit 0)
+         # 2 minutes: the SIGINT (2 s after the first checkpoint) lands long before the end. NOTE:
+         # exit 0 instead of 130 was seen twice in clean clones (also with this budget): an
+         # interrupt that tuning swallows somewhere, not yet found (issue 10's note)
          "--idle-seconds", "0.4", "--no-progress", "--tune", "2"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
