@@ -12,7 +12,9 @@ relative to the teacher's, silent frames closed, upper-half PSNR (export.evaluat
 held-out speech: sentences, voices and rates tuning never uses). Target of the any-face issue:
 median r >= 0.85 after 15 minutes. Prints one JSON line per face and a table; --json keeps all.
 Tuning runs on this CPU with the thread count given; the minutes are wall-clock, so a busy
-machine tunes less (say so when you report figures).
+machine tunes less (say so when you report figures). Each face records the machine it was
+measured on (CPU model and flags: sessions draw different machines, and a faster one takes more
+steps in the same minutes; `steps` says how many).
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -71,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         if person.name in done_faces:
             continue
         avatar = prepare_face_avatar(person.path, base, cache, args.idle_seconds)
-        row = {"face": person.name, "stages": {}}
+        machine = common.machine_info()
+        row = {"face": person.name, "machine": {k: machine[k] for k in ("cpu", "cpu_flags", "cores")}, "stages": {}}
         row["stages"]["0"] = dataclasses.asdict(evaluate_face(base, encoder, avatar, person.name, seeds))
         done, model = 0.0, None
         for minutes in sorted(args.stages):
