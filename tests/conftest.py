@@ -7,6 +7,11 @@ the bundled astronaut with a short idle cycle, prepared once into a temporary ca
 
 from __future__ import annotations
 
+# First, before torch: realtime_avatar sets OMP_WAIT_POLICY=PASSIVE, which libgomp reads once, when
+# torch loads it. Imported after torch (as here until session 11), the tests ran with spinning
+# OpenMP threads, unlike the CLI, and the real-time tests saw stalls the product does not have.
+import realtime_avatar  # noqa: F401, I001
+
 import pytest
 import torch
 
