@@ -91,7 +91,6 @@ def test_covered_mouth_refused_nothing_written(tmp_path, encoder, capsys):
     assert not leftovers(tmp_path)
 
 
-@pytest.mark.slow
 def _sigint_as_in_a_terminal() -> None:
     """Child pre-exec: SIGINT back to its default disposition. A command started in the
     background of a non-interactive shell (`pytest ... &`, nohup, some CI runners) inherits
@@ -101,6 +100,7 @@ def _sigint_as_in_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_last_checkpoint(tmp_path):
     """A real SIGINT to `realtime-avatar prepare --tune`: exit 130, the last checkpoint kept
     and loadable, no temporary files."""
