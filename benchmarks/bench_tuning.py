@@ -71,12 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         rows = json.loads(args.json.read_text())["faces"]
         print(f"bench_tuning: {len(rows)} faces already in {args.json}, measuring the rest", file=sys.stderr)
     done_faces = {row["face"] for row in rows}
+    machine = {k: v for k, v in common.machine_info().items() if k in ("cpu", "cpu_flags", "cores")}
     for person in people:
         if person.name in done_faces:
             continue
         avatar = prepare_face_avatar(person.path, base, cache, args.idle_seconds)
-        machine = common.machine_info()
-        row = {"face": person.name, "machine": {k: machine[k] for k in ("cpu", "cpu_flags", "cores")}, "stages": {}}
+        row = {"face": person.name, "machine": machine, "stages": {}}
         row["stages"]["0"] = dataclasses.asdict(evaluate_face(base, encoder, avatar, person.name, seeds))
         done, model = 0.0, None
         for minutes in sorted(args.stages):
