@@ -144,6 +144,7 @@ def build_engine(model: RendererModel, recipe: EngineRecipe):
     runner = recipe.open_runner(folder / recipe.engine_file)
     gate = recipe.gate(model, runner)
     manifest = _new_manifest(key, recipe.engine_file, exported, start, gate)
+    manifest.extra["rows_from"] = key.rows_from  # the graph draws patch rows rows_from..255
     if isinstance(runner, OnnxRuntimeRunner):
         manifest.extra["providers"] = runner.active_providers
     manifest.write(folder)

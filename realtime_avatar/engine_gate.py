@@ -90,9 +90,10 @@ class MuseTalkRenderGraph(nn.Module):
 
 def render_graph(model: RendererModel) -> nn.Module:
     """The torch module that computes `model`'s float render output (the graph engines are
-    built from): compact -> its CompactNet; musetalk -> MuseTalkRenderGraph."""
+    built from): compact -> its render_graph() (rows above model.rows_from left at 0);
+    musetalk -> MuseTalkRenderGraph (every row: its VAE decoder is not local)."""
     if model.model_id.startswith("compact"):
-        return model.net
+        return model.render_graph()
     if model.model_id.startswith("musetalk"):
         return MuseTalkRenderGraph(model)
     raise EngineBuildError(

@@ -125,11 +125,14 @@ class EngineKey:
     profile: str  # DYNAMIC_PROFILE or the static batch
     gpu: str | None = None  # TensorRT only
     tensorrt: str | None = None  # TensorRT version, TensorRT only
+    rows_from: int = 0  # the first patch row the graph draws (compact: BLEND_ROWS_FROM)
 
     def folder(self, root: Path) -> Path:
         name = f"{self.backend}-{self.precision}-b{self.profile}"
         if self.backend == "tensorrt":
             name += f"-{self.gpu}-trt{self.tensorrt}"
+        if self.rows_from:  # a different graph from the same weights: an engine of its own
+            name += f"-rows{self.rows_from}"
         return root / f"{self.model_id}-{self.weights_hash[:12]}" / name
 
 
@@ -209,7 +212,9 @@ class BackendModel:
 
     encode(), weights_hash(), model_id, latent_channels, latent_size and notes are the wrapped
     model's; `backend_name` says where render runs; `gate` holds the accuracy-gate result
-    (None for torch) and `reason` why this backend was chosen.
+    (None for torch) and `reason` why this backend was chosen. On an engine, render() leaves
+    patch rows above `rows_from` at 0 (the compact graph does not draw what no blend reads);
+    on torch it draws every row, as the model's own render().
     """
 
     def __init__(
@@ -233,6 +238,7 @@ class BackendModel:
         self.model_id = model.model_id
         self.latent_channels = model.latent_channels
         self.latent_size = model.latent_size
+        self.rows_from = getattr(model, "rows_from", 0)  # render() leaves the rows above at 0 on an engine
         if hasattr(model, "notes"):
             self.notes = model.notes
         self._to_patches = output_to_patches(model) if runner is not None else None
@@ -371,7 +377,8 @@ def load_onnx_backend(
         raise BackendUnavailable("onnxruntime is not installed: pip install 'realtime-avatar[cpu]' (or [gpu])")
     precision = _resolve_precision(precision, _ort_gpu_usable(providers))
     root = Path(engines_dir) if engines_dir is not None else default_engines_dir()
-    key = EngineKey(model.model_id, model.weights_hash(), "onnx", precision, DYNAMIC_PROFILE)
+    key = EngineKey(model.model_id, model.weights_hash(), "onnx", precision, DYNAMIC_PROFILE,
+                    rows_from=getattr(model, "rows_from", 0))
     recipe = EngineRecipe(
         key=key,
         folder=key.folder(root),
@@ -401,7 +408,8 @@ def load_tensorrt_backend(
     precision = _resolve_precision(precision, on_gpu=True)
     root = Path(engines_dir) if engines_dir is not None else default_engines_dir()
     key = EngineKey(
-        model.model_id, model.weights_hash(), "tensorrt", precision, str(batch_size), gpu_slug(), tensorrt_version()
+        model.model_id, model.weights_hash(), "tensorrt", precision, str(batch_size), gpu_slug(), tensorrt_version(),
+        getattr(model, "rows_from", 0),
     )
     shapes = tensorrt_input_shapes(model, batch_size)
     recipe = EngineRecipe(

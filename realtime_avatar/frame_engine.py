@@ -214,6 +214,8 @@ class FrameEngine:
             torch.backends.cuda.matmul.allow_tf32 = False
         self.model = model
         self.model_id = model.model_id
+        # the first patch row the render graph draws (compact: models.base.BLEND_ROWS_FROM)
+        self.rows_from = int(getattr(getattr(model, "model", model), "rows_from", 0))
         self.frame_format = frame_format
         self.buckets = tuple(sorted(buckets))
         self.tick_s = tick_s
@@ -256,6 +258,13 @@ class FrameEngine:
         """Register an avatar (frames, masks, latents to the device); with `idle_window`, its
         idle frames are rendered (every cached frame with that audio window, usually silence)."""
         shape = tuple(avatar.frame_shape[:2])
+        first_read = avatar.blender.first_patch_row()
+        if first_read < self.rows_from:
+            raise ValueError(
+                f"avatar {avatar.manifest.source_name}: its blend mask reads patch row {first_read}, above "
+                f"row {self.rows_from} from which the {self.model_id} render graph draws; the mask "
+                "predates the cut at that row: prepare the avatar again (--force)"
+            )
         with self._lock:
             bank = self._banks.get(shape)
             if bank is None:

@@ -21,6 +21,7 @@ from realtime_avatar.blending import (
     landmark_face_mask,
 )
 from realtime_avatar.face import LIPS_OUTER, NOSE_TIP, BBox, detect_face_landmarks, face_bbox
+from realtime_avatar.models.base import BLEND_ROWS_FROM
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +92,32 @@ def test_pixels_outside_the_mask_never_change(points, astronaut_bgr):
     assert np.array_equal(out[untouched], astronaut_bgr[untouched])
     changed = np.any(out != astronaut_bgr, axis=2)
     assert changed.sum() > 0.8 * (full_mask > 0).sum()
+
+
+def test_the_blend_never_reads_patch_rows_above_blend_rows_from(points, astronaut_bgr):
+    """Compact render graphs leave patch rows above BLEND_ROWS_FROM undrawn: the mask must not
+    read them. A real face: the cut changes nothing (its mask starts near row 110). A face box
+    far wider than tall (the face squashed to 20% of its height): the cut zeroes the mask's
+    upper tail, and a patch with noise above the row composes to exactly the same frame."""
+    bbox = face_bbox(points, astronaut_bgr.shape)
+    crop = crop_box(bbox)
+    assert np.array_equal(landmark_face_mask(points, bbox, crop), landmark_face_mask(points, bbox, crop, rows_from=0))
+    assert 100 <= Blender([blend_region(points, bbox)], astronaut_bgr.shape).first_patch_row() < 128
+
+    squashed = points.copy()
+    squashed[:, 1] = points[NOSE_TIP, 1] + 0.2 * (points[:, 1] - points[NOSE_TIP, 1])
+    wide = face_bbox(squashed, astronaut_bgr.shape)
+    assert wide.width > 2 * wide.height
+    uncut = Blender([BlendRegion(wide, crop_box(wide), landmark_face_mask(squashed, wide, crop_box(wide), rows_from=0))],
+                    astronaut_bgr.shape)
+    assert uncut.first_patch_row() < BLEND_ROWS_FROM  # without the cut it would read them
+    blender = Blender([blend_region(squashed, wide)], astronaut_bgr.shape)
+    assert BLEND_ROWS_FROM <= blender.first_patch_row() < 128
+    drawn = _random_patch(2)
+    undrawn_top = drawn.copy()
+    undrawn_top[:BLEND_ROWS_FROM] = 0
+    assert np.array_equal(blender.compose(astronaut_bgr, drawn, 0), blender.compose(astronaut_bgr, undrawn_top, 0))
+    assert not np.array_equal(uncut.compose(astronaut_bgr, drawn, 0), uncut.compose(astronaut_bgr, undrawn_top, 0))
 
 
 def test_fully_masked_pixels_take_the_patch(points, astronaut_bgr):

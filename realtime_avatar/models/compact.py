@@ -26,6 +26,7 @@ Checkpoints are safetensors with the config as JSON in the metadata.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from torch import nn
 
 from realtime_avatar.models.audio_pe import AudioPositionalEncoding
 from realtime_avatar.models.base import (
+    BLEND_ROWS_FROM,
     PATCH_SIZE,
     ModelLoadError,
     check_crops,
@@ -218,6 +220,51 @@ class LatentDecoder(nn.Module):
         return self.layers(latents)
 
 
+def decoder_reach(config: CompactConfig) -> int:
+    """Latent rows above a latent row that the decoder's pixels of that row depend on.
+
+    Every decoder convolution is 3x3 with zero padding and nothing mixes rows further (no
+    normalisation, nearest upsampling, PixelShuffle): a conv at latent scale reaches 1 latent
+    row, at 64x64 half a row, at 128x128 a quarter. Both decoder shapes reach 3 rows (two convs
+    at 32x32, then one conv per further level plus the last one), so decoding latent rows
+    r - 3 .. 31 gives exactly the pixels of rows 8r .. 255 (tests/test_models_compact.py).
+    """
+    levels = len(config.decoder_channels)
+    reach = 2.0  # the two convolutions at 32x32
+    reach += sum(0.5**level for level in range(1, levels))  # one conv after each upsampling
+    reach += 0.5 ** (levels - 1)  # the conv before PixelShuffle, at the last level
+    return math.ceil(reach)
+
+
+class CompactRenderGraph(nn.Module):
+    """The per-frame render graph that draws only patch rows `rows_from`..255 (rows above are
+    0): the UNet as CompactNet, the decoder on latent rows rows_from/8 - decoder_reach(..)..31.
+
+    Same inputs and output shape as CompactNet.forward ([N,2C,32,32], [N,50,384] ->
+    [N,3,256,256] BGR in [0, 1]), identical pixels from rows_from down. The blend never reads
+    rows above BLEND_ROWS_FROM (blending.landmark_face_mask), and the decoder is a third of the
+    render on 2 CPU cores (v2.1, ONNX Runtime, batch 8: decoder 3.73 ms of 6.34 a frame; all 32
+    rows 3.73 ms, from latent row 10 2.57 ms; session 12).
+    """
+
+    def __init__(self, net: "CompactNet", rows_from: int = BLEND_ROWS_FROM):
+        super().__init__()
+        if rows_from % LATENT_DOWNSAMPLE or not 0 <= rows_from < PATCH_SIZE:
+            raise ValueError(f"rows_from must be a multiple of {LATENT_DOWNSAMPLE} in 0..{PATCH_SIZE - 8}, got {rows_from}")
+        self.net = net
+        self.rows_from = rows_from
+        self.first_latent_row = max(0, rows_from // LATENT_DOWNSAMPLE - decoder_reach(net.config))
+
+    def forward(self, latents: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        predicted = self.net.unet(latents, audio)[:, :, self.first_latent_row :]
+        images = self.net.decoder(predicted)
+        drawn = images[:, :, self.rows_from - self.first_latent_row * LATENT_DOWNSAMPLE :]
+        # rows 0..rows_from-1 are zeros (cat, not F.pad: the exporter's Pad reverses its pads
+        # with a step -1 Slice that it warns it cannot fold)
+        undrawn = drawn.new_zeros(drawn.shape[0], drawn.shape[1], self.rows_from, drawn.shape[3])
+        return torch.cat([undrawn, drawn], dim=2)
+
+
 class CompactNet(nn.Module):
     """All weights of the family; forward() is the per-frame render graph (UNet + decoder),
     the one benchmarked and exported to ONNX."""
@@ -272,6 +319,9 @@ class CompactModel:
 
     precision: "fp32", or "bf16"/"fp16" autocast (bf16 is fast on CPUs with avx512_bf16/AMX;
     measure with benchmarks/bench_compact_model.py). channels_last helps the autocast paths.
+    rows_from: the first patch row the render graph (`render_graph()`: engines, the frame
+    engine) draws; 0 draws all. render() and decode() always draw every row (evaluation
+    measures the upper half).
     """
 
     model_id = MODEL_ID
@@ -285,6 +335,7 @@ class CompactModel:
         precision: str = "fp32",
         channels_last: bool = False,
         notes: dict[str, str] | None = None,
+        rows_from: int = BLEND_ROWS_FROM,
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -295,6 +346,7 @@ class CompactModel:
         # how the weights were made (e.g. the Whisper variant and lookahead the training
         # features used: live features must match); saved in the checkpoint metadata
         self.notes = dict(notes or {})
+        self.rows_from = rows_from
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._weights_hash = state_dict_hash(net.state_dict())
         self.net = net.to(self.device, memory_format=self.memory_format).eval().requires_grad_(False)
@@ -356,6 +408,11 @@ class CompactModel:
 
     def weights_hash(self) -> str:
         return self._weights_hash
+
+    def render_graph(self) -> nn.Module:
+        """The per-frame render graph engines are built from: CompactNet, or with rows_from > 0
+        a CompactRenderGraph that leaves the rows above rows_from at 0."""
+        return CompactRenderGraph(self.net, self.rows_from) if self.rows_from else self.net
 
     def _autocast(self):
         enabled = self.precision != "fp32"
