@@ -146,6 +146,10 @@ class TrainSettings:
     # is patient and consistent"), which teaches the student the teacher's function around the
     # training inputs, not only at them (unseen faces lie between the training faces).
     function_matching: float = 0.0
+    # With init: train the decoder alone, the encoder and UNet frozen: a smaller, faster decoder
+    # fitted under a trained UNet (both stages: on true latents, then on the UNet's answers with
+    # the image loss on the teacher frames, what the decoder sees at run time).
+    decoder_only: bool = False
     autoencoder_share: float = AUTOENCODER_SHARE  # of the time after data preparation
     # What the model hears (recorded in its metadata, read back by the runtime): the per-frame
     # audio window and the live encoder setting its training features are streamed with.
@@ -624,9 +628,11 @@ class Trainer:
         s = self.settings
         if stage == "autoencoder":
             params = list(self.net.decoder.parameters())
-            if s.teacher is None:  # a distilled student keeps the teacher's encoder (and latents)
+            if s.teacher is None and not s.decoder_only:  # a student keeps the teacher's encoder (and latents)
                 params = list(self.net.encoder.parameters()) + params
             return [{"params": params, "lr": s.lr_autoencoder, "scale": 1.0}]
+        if s.decoder_only:
+            return [{"params": list(self.net.decoder.parameters()), "lr": s.lr_unet, "scale": 1.0}]
         return [
             {"params": list(self.net.unet.parameters()), "lr": s.lr_unet, "scale": 1.0},
             {"params": list(self.net.decoder.parameters()), "lr": s.lr_unet * s.decoder_lr_scale,
@@ -772,7 +778,8 @@ class Trainer:
             elif self.teacher is not None and self.rng.random() < self.settings.function_matching:
                 mixed.append(self.unet_step(*self.mixed_batch())[1])
             else:
-                with_images = p.stage_seconds >= LATENT_ONLY_SHARE * p.stage_budget
+                # a decoder alone learns nothing from the latent loss: images from the first step
+                with_images = self.settings.decoder_only or p.stage_seconds >= LATENT_ONLY_SHARE * p.stage_budget
                 image_loss_value, latent_loss = self.unet_step(*self.unet_batch(with_images))
                 running.append(image_loss_value)
             p.step += 1
@@ -945,8 +952,11 @@ def train(
         settings = dataclasses.replace(settings, model=config, init=None, **hearing_from_json(saved),
                                        identities=saved.get("identities", "astronaut"),
                                        clips=saved.get("clips", settings.clips), seed=saved.get("seed", settings.seed),
-                                       teacher=None if saved.get("teacher") is None else Path(saved["teacher"]))
+                                       teacher=None if saved.get("teacher") is None else Path(saved["teacher"]),
+                                       decoder_only=saved.get("decoder_only", False))
 
+    if settings.init is not None and not resume:  # the run's model is the init's, whatever --*-channels say
+        settings = dataclasses.replace(settings, model=CompactModel.load(settings.init).config)
     clips = load_clips(settings)
     net = initial_net(settings)
     trainer = Trainer(settings, clips, net)
@@ -1045,6 +1055,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--unet-only", action="store_true",
                         help="with --init: keep the init's autoencoder, train the UNet only (what --clips-from's "
                              "latents need)")
+    parser.add_argument("--decoder-only", action="store_true",
+                        help="with --init: keep the init's encoder and UNet, train the decoder only, on true "
+                             "latents and then under the UNet's answers (e.g. a smaller decoder for a trained "
+                             "UNet; --resume keeps it)")
     m = parser.add_argument_group("model size (default: the shipped model's, UNet 32,64,128 and decoder 64,32,16)")
     m.add_argument("--unet-channels", type=_widths, default=None,
                    help="UNet widths at 32x32, 16x16, 8x8, e.g. 16,48,96")
@@ -1114,7 +1128,8 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size, precision=args.precision, threads=args.threads, workers=args.workers,
         checkpoint_minutes=args.checkpoint_minutes, identities=args.identities, clips_from=args.clips_from,
         max_autoencoder_steps=0 if args.unet_only else None, model=config, teacher=args.teacher,
-        autoencoder_share=args.autoencoder_share, function_matching=args.function_matching, **hearing,
+        autoencoder_share=args.autoencoder_share, function_matching=args.function_matching,
+        decoder_only=args.decoder_only, **hearing,
     )  # fmt: skip
     if args.teacher is not None and (init is not None or args.video is not None):
         print("python -m export.train: --teacher starts a student from the teacher's encoder: not with --init or --video",
@@ -1136,6 +1151,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.unet_only and init is None:
         print("python -m export.train: --unet-only needs --init (the autoencoder to keep)", file=sys.stderr)
+        return 2
+    if args.decoder_only and not args.resume and (init is None or args.unet_only or args.teacher is not None or args.video is not None):
+        print("python -m export.train: --decoder-only needs --init (the encoder and UNet to keep) and goes with "
+              "neither --unet-only, --teacher nor --video", file=sys.stderr)
         return 2
     if args.clips_from is not None and not (args.clips_from / "clips").is_dir():
         print(f"python -m export.train: --clips-from {args.clips_from}: no clips/ folder there", file=sys.stderr)
