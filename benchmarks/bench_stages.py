@@ -8,7 +8,8 @@ is timed (median, p90, p99, max in ms):
                   setting (4 s window, 0.2 s hop, 0.5 s lookahead)
     windows       StreamingFrameWindows.push of one hop's features -> that hop's frame windows
     unet/decoder  the renderer model split in two (compact family: model.net.unet and
-                  model.net.decoder), per batch size and torch precision
+                  model.net.decoder), per batch size and torch precision; the decoder also on the
+                  latent rows the render graph decodes (patch rows 96-255: what the blend reads)
     render graph  model.render (UNet + decoder + uint8 patches) per backend: torch fp32, torch
                   bf16 autocast, ONNX Runtime (realtime_avatar.engines) when it loads here
     blend         one 256x256 patch pasted into its avatar frame (Avatar.compose_into)
@@ -36,6 +37,7 @@ import common  # noqa: E402
 from realtime_avatar.audio_ring import AudioRing  # noqa: E402
 from realtime_avatar.audio_sources import StreamResampler  # noqa: E402
 from realtime_avatar.frame_windows import StreamingFrameWindows, offline_frame_windows  # noqa: E402
+from realtime_avatar.models.compact import CompactRenderGraph  # noqa: E402
 from realtime_avatar.session import VIDEO_CLOCK_RATE, VIDEO_TIME_BASE  # noqa: E402
 from realtime_avatar.streaming_whisper import StreamingConfig, StreamingWhisper  # noqa: E402
 from realtime_avatar.timing import FPS, SAMPLE_RATE, SAMPLES_PER_FEATURE  # noqa: E402
@@ -127,6 +129,15 @@ def bench_split(nets: dict, batch: int, windows: np.ndarray, latents: torch.Tens
 
             rows.append(_row("unet", f"torch {precision}, batch {batch}", common.time_calls(unet, repeats), batch))
             rows.append(_row("decoder", f"torch {precision}, batch {batch}", common.time_calls(decoder, repeats), batch))
+            graph = CompactRenderGraph(net)  # the rows engines and the frame engine decode
+            drawn_rows = latent_out[:, :, graph.first_latent_row :].contiguous(memory_format=memory_format)
+
+            def decoder_drawn_rows():
+                with autocast():
+                    net.decoder(drawn_rows)
+
+            rows.append(_row(f"decoder, patch rows {graph.rows_from}-255", f"torch {precision}, batch {batch}",
+                             common.time_calls(decoder_drawn_rows, repeats), batch))
     return rows
 
 
@@ -171,7 +182,8 @@ def bench_render_graph(models: dict, batch: int, windows: np.ndarray, latents: t
         lat, audio = _inputs(batch, windows, latents)
         with torch.inference_mode():
             times = common.time_calls(lambda: model.render(lat, audio), repeats)
-        rows.append(_row("render graph (unet+decoder+uint8)", f"{name}, batch {batch}", times, batch))
+        drawn = f", rows {model.rows_from}-255" if getattr(model, "rows_from", 0) and name == "onnx" else ""
+        rows.append(_row("render graph (unet+decoder+uint8)", f"{name}, batch {batch}{drawn}", times, batch))
     return rows
 
 
