@@ -27,6 +27,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+# before torch: realtime_avatar sets OMP_WAIT_POLICY=PASSIVE, which libgomp reads when torch
+# loads it; measured as the CLI runs (spinning OpenMP threads slow the other pools here)
+import realtime_avatar  # noqa: F401
 import torch
 
 from realtime_avatar.models.compact import CompactModel, CompactNet, count_parameters, tensor_to_crops

@@ -28,6 +28,10 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+
+# before torch: realtime_avatar sets OMP_WAIT_POLICY=PASSIVE, which libgomp reads when torch
+# loads it; measured as the CLI runs (spinning OpenMP threads slow the other pools here)
+import realtime_avatar  # noqa: F401
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -19,6 +19,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+# before torch: realtime_avatar sets OMP_WAIT_POLICY=PASSIVE, which libgomp reads when torch
+# loads it; measured as the CLI runs (spinning OpenMP threads slow the other pools here)
+import realtime_avatar  # noqa: F401
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -16,7 +16,11 @@ are due, and for all of them together makes
     3. one copy of the finished uint8 frames to the host (pinned memory on CUDA), split back
        per request.
 
-Nothing else crosses to the host. The model part is one of: the torch render graph (eager,
+Nothing else crosses to the host. On a CPU with bgr24 frames, step 2 is the host path instead:
+the family's own uint8 conversion and the numpy Blender (cv2) per frame, straight into each
+frame's own buffer (no step 3): the reference blend itself, and cheaper there (2 cores, batch 8,
+session 12: 0.78 vs 1.27 ms a frame, p90 0.90 vs 2.20: torch's elementwise ops on a CPU cost
+more than cv2's). The model part is one of: the torch render graph (eager,
 autocast at the chosen precision), an ONNX Runtime / TensorRT engine (BackendModel runner:
 numpy in/out, the rest stays the same), or the same torch graph + compose compiled with
 torch.compile(mode="reduce-overhead") per batch bucket (CUDA graphs; see CompiledStep).
@@ -158,6 +162,15 @@ def allow_recompiles(more: int) -> None:
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 2 * _graphs_asked)
 
 
+def _split(frames: list[np.ndarray], sizes: Sequence[int]) -> list[list[np.ndarray]]:
+    """`frames` cut into consecutive lists of `sizes` frames (the host path's per-request parts)."""
+    parts, start = [], 0
+    for n in sizes:
+        parts.append(frames[start : start + n])
+        start += n
+    return parts
+
+
 def _chunk_requests(request_sizes: Sequence[int], chunk_sizes: Sequence[int]) -> list[list[int]]:
     """Cut consecutive requests' rows at chunk boundaries: for each chunk, the row counts of the
     request pieces it holds, in order (a request that straddles two chunks is in both).
@@ -234,6 +247,9 @@ class FrameEngine:
                      "the same torch code eagerly", self.device)
             step = "torch"
         self.step = step
+        from .engine_gate import output_to_patches
+
+        self._to_patches = output_to_patches(model)  # the host compose path's uint8 conversion
         self._compiled: dict[int, Callable] = {}
         self._banks: dict[tuple[int, int], ComposeBank] = {}
         self.slots: list[AvatarSlot] = []
@@ -339,23 +355,31 @@ class FrameEngine:
             else:
                 banks.append((r.slot.bank, row, row + len(r.positions)))
             row += len(r.positions)
-        outs: list[torch.Tensor] = []  # uint8 frames on the device, in `group` order
+        # uint8 frames on the device per bank chunk, in `group` order (host path: lists of frames)
+        outs: list[torch.Tensor | list[np.ndarray]] = []
+        shown = [(r.slot, p) for r in group for p in r.positions]  # row -> (avatar, cycle position)
         top = self.buckets[-1]
         for s in range(0, row, top):  # one model call per largest bucket (usually just one)
             e = min(row, s + top)
-            levels = self._call(("model",), self._model_levels, latents[s:e], audio[s:e])
+            if self.host_compose:
+                patches = self._to_patches(self._call(("model",), self._render, latents[s:e], audio[s:e]))
+            else:
+                levels = self._call(("model",), self._model_levels, latents[s:e], audio[s:e])
             self.model_calls += 1
             for bank, b0, b1 in banks:  # one compose call per frame size
                 lo, hi = max(b0, s), min(b1, e)
                 if lo < hi:
-                    outs.append(self._call(("compose", id(bank)), functools.partial(self._compose, bank),
-                                           levels[lo - s : hi - s], ids[lo:hi]))
+                    if self.host_compose:
+                        outs.append([self._compose_on_host(*shown[k], patches[k - s]) for k in range(lo, hi)])
+                    else:
+                        outs.append(self._call(("compose", id(bank)), functools.partial(self._compose, bank),
+                                               levels[lo - s : hi - s], ids[lo:hi]))
                     self.compose_calls += 1
         # frames of different sizes cannot share a tensor: one host copy per bank chunk, each
         # cut into its requests' own buffers
         host: list[np.ndarray] = []
         for out, sizes in zip(outs, _chunk_requests([len(r.positions) for r in group], [len(o) for o in outs])):
-            host += self._to_host(out, sizes)
+            host += _split(out, sizes) if isinstance(out, list) else self._to_host(out, sizes)
         if self.device.type == "cuda":
             synchronize(self.device)
         frames: list[list[np.ndarray] | None] = [None] * len(requests)
@@ -380,6 +404,12 @@ class FrameEngine:
         return self._compiled_fn(key + (size,), fn)(*args)[:m].clone()  # graphs reuse outputs
 
     @property
+    def host_compose(self) -> bool:
+        """CPU, bgr24, not compiled: the family's uint8 patches + the numpy Blender per frame
+        (module docstring)."""
+        return self.device.type == "cpu" and self.frame_format == "bgr24" and self.step != "compiled"
+
+    @property
     def _padded(self) -> bool:
         # Batches are padded to a bucket when compiled (one CUDA graph per bucket) and on any
         # CUDA device (cuDNN builds an execution plan for every new shape: tens of ms each, a
@@ -390,6 +420,12 @@ class FrameEngine:
         out = bank.compose(levels, ids)
         # converted on the device, inside the compiled step: half the bytes to copy to the host
         return bgr_to_yuv420p(out) if self.frame_format == "yuv420p" else out
+
+    @staticmethod
+    def _compose_on_host(slot: AvatarSlot, position: int, patch: np.ndarray) -> np.ndarray:
+        """The host path's compose: a new buffer holding the cached frame with `patch` [256,256,3]
+        uint8 BGR blended in by the avatar's numpy Blender."""
+        return slot.avatar.compose_into(slot.avatar.new_frame_buffer(), patch, position)
 
     def _to_host(self, frames: torch.Tensor, sizes: Sequence[int]) -> list[np.ndarray]:
         """The one host copy of the frame path: `frames` [N,...] uint8 cut into consecutive
@@ -484,10 +520,12 @@ class FrameEngine:
         return metrics
 
     def describe(self) -> str:
-        return f"frame engine on {self.device} ({self.precision}, {self.step}, {self.frame_format})"
+        compose = ", numpy compose" if self.host_compose else ""
+        return f"frame engine on {self.device} ({self.precision}, {self.step}, {self.frame_format}{compose})"
 
     def stats(self) -> dict:
         batcher = self._batcher.stats.as_dict() if self._batcher is not None else {}
         return {"device": str(self.device), "precision": self.precision, "step": self.step,
+                "compose": "numpy" if self.host_compose else "torch",
                 "frames_rendered": self.frames_rendered, "model_calls": self.model_calls,
                 "compose_calls": self.compose_calls, "avatars": len(self.slots), "batches": batcher}

@@ -110,6 +110,22 @@ def test_torch_compose_matches_the_numpy_blend_within_one_level(runtime, avatars
         assert np.array_equal(got[0][:40], np.asarray(avatar.frame(positions[0]))[:40])
 
 
+def test_on_a_cpu_bgr_frames_are_the_numpy_blend_exactly(runtime, avatars, windows):
+    """CPU + bgr24 composes on the host (the family's uint8 patches + the numpy Blender, the
+    reference path itself): equal frames, not within a level; yuv420p keeps the torch compose."""
+    engine = FrameEngine(runtime.model, "cpu")
+    assert engine.host_compose and engine.stats()["compose"] == "numpy" and "numpy compose" in engine.describe()
+    for avatar in avatars:
+        slot = engine.add_avatar(avatar)
+        positions = list(range(3, 3 + min(6, avatar.cycle_length)))
+        frames = engine.render_now([FrameRequest(slot, tuple(positions), windows[: len(positions)])])[0]
+        want = reference_frames(runtime.model, avatar, positions, windows[: len(positions)])
+        assert all(np.array_equal(g, w) for g, w in zip(frames, want))
+        assert len({id(f.base if f.base is not None else f) for f in frames}) == len(frames)  # a buffer each
+    assert engine.compose_calls == engine.model_calls == len(avatars)
+    assert not FrameEngine(runtime.model, "cpu", frame_format="yuv420p").host_compose
+
+
 def test_an_avatar_whose_mask_reads_undrawn_rows_is_refused(runtime):
     """A render graph that draws fewer rows than an avatar's blend reads (here one drawing from
     row 128; the runtime's avatar reads from ~110) is refused at add_avatar, naming the
