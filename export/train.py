@@ -150,6 +150,9 @@ class TrainSettings:
     # fitted under a trained UNet (both stages: on true latents, then on the UNet's answers with
     # the image loss on the teacher frames, what the decoder sees at run time).
     decoder_only: bool = False
+    # With decoder_only: start the decoder from this compact model's (its size may differ from
+    # the init's; the encoders must be the same, i.e. share the latent space)
+    decoder_from: Path | None = None
     autoencoder_share: float = AUTOENCODER_SHARE  # of the time after data preparation
     # What the model hears (recorded in its metadata, read back by the runtime): the per-frame
     # audio window and the live encoder setting its training features are streamed with.
@@ -162,6 +165,7 @@ class TrainSettings:
         d["video"] = None if self.video is None else str(self.video)
         d["init"] = None if self.init is None else str(self.init)
         d["clips_from"] = None if self.clips_from is None else str(self.clips_from)
+        d["decoder_from"] = None if self.decoder_from is None else str(self.decoder_from)
         d["teacher"] = None if self.teacher is None else str(self.teacher)
         d["model"] = json.loads(self.model.to_json())
         return d
@@ -902,6 +906,8 @@ def hearing_from_args(args) -> dict:
 
 
 def initial_net(settings: TrainSettings) -> CompactNet:
+    if settings.init is not None and settings.decoder_from is not None:
+        return with_decoder_of(CompactModel.load(settings.init).net, CompactModel.load(settings.decoder_from).net)
     if settings.init is not None:
         return CompactModel.load(settings.init).net.train().requires_grad_(True)
     torch.manual_seed(settings.seed)
@@ -909,6 +915,20 @@ def initial_net(settings: TrainSettings) -> CompactNet:
     if settings.teacher is not None:
         copy_from_teacher(net, CompactModel.load(settings.teacher).net)
     return net
+
+
+def with_decoder_of(base: CompactNet, other: CompactNet) -> CompactNet:
+    """A net with `base`'s encoder and UNet and `other`'s decoder (its widths too). Raises
+    ValueError unless both encoders are the same weights (the decoder reads that latent space)."""
+    mine, theirs = base.encoder.state_dict(), other.encoder.state_dict()
+    if mine.keys() != theirs.keys() or not all(torch.equal(v, theirs[k]) for k, v in mine.items()):
+        raise ValueError("--decoder-from: its encoder differs from the init's, so its decoder reads another "
+                         "latent space (take it from a student distilled from the init, e.g. training/v3)")
+    net = CompactNet(dataclasses.replace(base.config, decoder_channels=other.config.decoder_channels))
+    net.encoder.load_state_dict(mine)
+    net.unet.load_state_dict(base.unet.state_dict())
+    net.decoder.load_state_dict(other.decoder.state_dict())
+    return net.train().requires_grad_(True)
 
 
 def copy_from_teacher(student: CompactNet, teacher: CompactNet) -> list[str]:
@@ -955,10 +975,10 @@ def train(
                                        teacher=None if saved.get("teacher") is None else Path(saved["teacher"]),
                                        decoder_only=saved.get("decoder_only", False))
 
-    if settings.init is not None and not resume:  # the run's model is the init's, whatever --*-channels say
-        settings = dataclasses.replace(settings, model=CompactModel.load(settings.init).config)
     clips = load_clips(settings)
     net = initial_net(settings)
+    if settings.init is not None and not resume:  # the run's model is the init's, whatever --*-channels say
+        settings = dataclasses.replace(settings, model=net.config)
     trainer = Trainer(settings, clips, net)
     if resume:
         trainer.restore(checkpoint)
@@ -1059,6 +1079,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --init: keep the init's encoder and UNet, train the decoder only, on true "
                              "latents and then under the UNet's answers (e.g. a smaller decoder for a trained "
                              "UNet; --resume keeps it)")
+    parser.add_argument("--decoder-from", type=Path, default=None,
+                        help="with --decoder-only: start from this compact model's decoder (any size; its "
+                             "encoder must be the init's), e.g. a snapshot of training/v3")
     m = parser.add_argument_group("model size (default: the shipped model's, UNet 32,64,128 and decoder 64,32,16)")
     m.add_argument("--unet-channels", type=_widths, default=None,
                    help="UNet widths at 32x32, 16x16, 8x8, e.g. 16,48,96")
@@ -1129,7 +1152,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint_minutes=args.checkpoint_minutes, identities=args.identities, clips_from=args.clips_from,
         max_autoencoder_steps=0 if args.unet_only else None, model=config, teacher=args.teacher,
         autoencoder_share=args.autoencoder_share, function_matching=args.function_matching,
-        decoder_only=args.decoder_only, **hearing,
+        decoder_only=args.decoder_only, decoder_from=args.decoder_from, **hearing,
     )  # fmt: skip
     if args.teacher is not None and (init is not None or args.video is not None):
         print("python -m export.train: --teacher starts a student from the teacher's encoder: not with --init or --video",
@@ -1155,6 +1178,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.decoder_only and not args.resume and (init is None or args.unet_only or args.teacher is not None or args.video is not None):
         print("python -m export.train: --decoder-only needs --init (the encoder and UNet to keep) and goes with "
               "neither --unet-only, --teacher nor --video", file=sys.stderr)
+        return 2
+    if args.decoder_from is not None and not (args.decoder_only and args.decoder_from.is_file()):
+        print(f"python -m export.train: --decoder-from {args.decoder_from}: needs --decoder-only and an existing "
+              "compact model file", file=sys.stderr)
         return 2
     if args.clips_from is not None and not (args.clips_from / "clips").is_dir():
         print(f"python -m export.train: --clips-from {args.clips_from}: no clips/ folder there", file=sys.stderr)

@@ -373,17 +373,20 @@ def test_a_smaller_student_distils_from_a_teacher_and_keeps_it_on_resume(tmp_pat
 
 
 def test_decoder_only_trains_the_decoder_under_the_inits_unet_and_keeps_it_on_resume(tmp_path, clip_cache, capsys):
-    # python -m export.train --init M --decoder-only: M's encoder and UNet stay exactly M's (its
-    # avatar latents and lip sync), the decoder (here M's smaller one) is trained in both stages
-    init_path = tmp_path / "hybrid.safetensors"
-    CompactModel.random(SMALL, seed=2).save(init_path)
+    # python -m export.train --init M --decoder-only --decoder-from S: M's encoder and UNet stay
+    # exactly M's (its avatar latents and lip sync); S's smaller decoder is trained in both stages
+    init_path, small_path = tmp_path / "init.safetensors", tmp_path / "student.safetensors"
+    CompactModel.random(TINY, seed=2).save(init_path)
     init = CompactModel.load(init_path).net
+    student = CompactNet(dataclasses.replace(TINY, decoder_channels=(8, 8)))  # 64x64 + PixelShuffle(4)
+    student.encoder.load_state_dict(init.encoder.state_dict())  # a student of the init: same latent space
+    CompactModel(student).save(small_path)
     out = tmp_path / "run"
     (out / "clips").mkdir(parents=True)
     for clip in load_cached(clip_cache):
         shortened(clip, 24).save(out / "clips" / f"{clip.name}.npz")
-    settings = tiny_settings(out, init=init_path, decoder_only=True, checkpoint_minutes=0.0,
-                             max_autoencoder_steps=2, max_unet_steps=3)  # model=TINY: the init's config wins
+    settings = tiny_settings(out, init=init_path, decoder_only=True, decoder_from=small_path, checkpoint_minutes=0.0,
+                             max_autoencoder_steps=2, max_unet_steps=3)
 
     def crash_at_unet_step_2(stage: str, step: int) -> None:
         if stage == "unet" and step == 2:
@@ -393,11 +396,11 @@ def test_decoder_only_trains_the_decoder_under_the_inits_unet_and_keeps_it_on_re
         tr.train(settings, on_step=crash_at_unet_step_2)
     path = tr.train(dataclasses.replace(settings, decoder_only=False, max_unet_steps=5), resume=True)
     model = CompactModel.load(path)
-    assert model.config == SMALL and json.loads(model.notes["settings"])["decoder_only"] is True
+    assert model.config == student.config and json.loads(model.notes["settings"])["decoder_only"] is True
     for part in ("encoder", "unet"):
         assert all(torch.equal(a, b) for a, b in zip(getattr(model.net, part).state_dict().values(),
                                                      getattr(init, part).state_dict().values())), part
-    assert not torch.equal(model.net.decoder.layers[0].weight, init.decoder.layers[0].weight)
+    assert not torch.equal(model.net.decoder.layers[0].weight, student.decoder.layers[0].weight)  # trained
     logged = [json.loads(line) for line in (out / tr.LOG_FILE).read_text().splitlines()]
     unet_stage = [line for line in logged if line.get("stage") == "unet"]
     assert unet_stage and all(line["image_phase"] for line in unet_stage)  # images from the first step
@@ -406,6 +409,10 @@ def test_decoder_only_trains_the_decoder_under_the_inits_unet_and_keeps_it_on_re
                  ["--decoder-only", "--init", str(init_path), "--video", str(tmp_path / "talk.mp4")]):
         assert tr.main(["--out", str(tmp_path / "x"), *argv]) == 2
         assert "--decoder-only needs --init" in capsys.readouterr().err
+    assert tr.main(["--out", str(tmp_path / "x"), "--init", str(init_path), "--decoder-from", str(small_path)]) == 2
+    assert "needs --decoder-only" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="encoder differs"):  # another latent space
+        tr.with_decoder_of(init, CompactModel.random(dataclasses.replace(TINY, decoder_channels=(8, 8)), seed=9).net)
 
 
 def test_resume_without_checkpoint_says_so(tmp_path):
