@@ -362,7 +362,7 @@ class FrameEngine:
         for s in range(0, row, top):  # one model call per largest bucket (usually just one)
             e = min(row, s + top)
             if self.host_compose:
-                patches = self._to_patches(self._call(("model",), self._render, latents[s:e], audio[s:e]))
+                patches = self._host_patches(self._call(("model",), self._render, latents[s:e], audio[s:e]))
             else:
                 levels = self._call(("model",), self._model_levels, latents[s:e], audio[s:e])
             self.model_calls += 1
@@ -420,6 +420,15 @@ class FrameEngine:
         out = bank.compose(levels, ids)
         # converted on the device, inside the compiled step: half the bytes to copy to the host
         return bgr_to_yuv420p(out) if self.frame_format == "yuv420p" else out
+
+    def _host_patches(self, images: torch.Tensor) -> np.ndarray:
+        """The family's uint8 patches [N,256,256,3] of the render output, converting only the
+        rows the graph draws (compact: 96-255; the rest stay 0, as drawn)."""
+        if not self.rows_from:
+            return self._to_patches(images)
+        patches = np.zeros((len(images), *images.shape[2:], 3), np.uint8)
+        patches[:, self.rows_from :] = self._to_patches(images[:, :, self.rows_from :])
+        return patches
 
     @staticmethod
     def _compose_on_host(slot: AvatarSlot, position: int, patch: np.ndarray) -> np.ndarray:
