@@ -162,8 +162,9 @@ def allow_recompiles(more: int) -> None:
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 2 * _graphs_asked)
 
 
-def _split(frames: list[np.ndarray], sizes: Sequence[int]) -> list[list[np.ndarray]]:
-    """`frames` cut into consecutive lists of `sizes` frames (the host path's per-request parts)."""
+def _split(frames, sizes: Sequence[int]) -> list:
+    """`frames` (a list or a tensor) cut into consecutive parts of `sizes` rows; rows past
+    sum(sizes) (bucket padding) are dropped."""
     parts, start = [], 0
     for n in sizes:
         parts.append(frames[start : start + n])
@@ -228,7 +229,7 @@ class FrameEngine:
         self.model = model
         self.model_id = model.model_id
         # the first patch row the render graph draws (compact: models.base.BLEND_ROWS_FROM)
-        self.rows_from = int(getattr(getattr(model, "model", model), "rows_from", 0))
+        self.rows_from = int(getattr(model, "rows_from", 0))
         self.frame_format = frame_format
         self.buckets = tuple(sorted(buckets))
         self.tick_s = tick_s
@@ -442,10 +443,8 @@ class FrameEngine:
         a view of memory another session reads). On CUDA each part goes by DMA straight into
         its own pinned buffer (no CPU memcpy; the caller synchronises once for all); on a CPU a
         copy of the slice. Rows past sum(sizes) (bucket padding) are dropped."""
-        parts, start = [], 0
-        for n in sizes:
-            piece = frames[start : start + n]
-            start += n
+        parts = []
+        for piece in _split(frames, sizes):
             if frames.device.type == "cpu":
                 parts.append(piece.numpy().copy())  # numpy-owned: no tensor kept alive
             else:
