@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 import warnings
 
 import av
@@ -207,23 +208,43 @@ def test_a_session_closed_mid_batch_costs_the_others_nothing_and_nothing_leaks(r
             warnings.simplefilter("ignore")
             return sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
 
-    async def cycle(cancel_after: float):
+    # The batch is held at its start until the victim is cancelled, so that "during the batch"
+    # does not depend on how fast this machine renders (a timed cancel raced a fast batch).
+    real_render_now = engine.render_now
+    hold, started = threading.Event(), None
+
+    def held_render_now(requests):
+        loop.call_soon_threadsafe(started.set)
+        assert hold.wait(10), "the test never released the batch"
+        return real_render_now(requests)
+
+    engine.render_now = held_render_now  # before the batcher is made: it binds this attribute
+
+    async def cycle(during_batch: bool):
+        nonlocal started
+        started = asyncio.Event()
+        hold.clear()
         gone = asyncio.create_task(engine.render(victim))
         others = [asyncio.create_task(engine.render(r)) for r in keep]
-        await asyncio.sleep(cancel_after)
+        if during_batch:
+            await started.wait()
+        else:
+            await asyncio.sleep(0)  # submitted, waiting for the tick
         gone.cancel()  # the session closes while its frames are queued or in the batch
-        t0 = asyncio.get_running_loop().time()
+        hold.set()
+        t0 = loop.time()
         results = await asyncio.gather(*others)
-        return results, asyncio.get_running_loop().time() - t0, gone
+        return results, loop.time() - t0, gone
 
     async def go():
-        await cycle(0.0)  # warm-up
+        nonlocal loop
+        loop = asyncio.get_running_loop()
+        await cycle(False)  # warm-up
         gc.collect()
         before_tensors, before_tasks = tensors(), len(asyncio.all_tasks())
         waits = []
         for n in range(50):
-            # before the tick, at the tick, and during the batch
-            results, waited, gone = await cycle((0.0, 0.045, 0.06)[n % 3])
+            results, waited, gone = await cycle(during_batch=n % 2 == 1)
             assert gone.cancelled()
             for got, exp in zip(results, want):
                 assert_within_one_level(got, exp)
@@ -236,6 +257,7 @@ def test_a_session_closed_mid_batch_costs_the_others_nothing_and_nothing_leaks(r
         await engine.close()
         return leaked, tasks, pending, stats, waits
 
+    loop = None
     leaked, tasks, pending, stats, waits = asyncio.run(go())
     assert leaked <= 2 and tasks == 0 and pending == 0, (leaked, tasks, pending)
     batches = stats["batches"]
