@@ -96,32 +96,55 @@ class ComposeBank:
     frames [F,H,W,3] uint8, weights [F,Hm,Wm,1] float32, grids [F,Hm,Wm,2] float32,
     tops/lefts [F] int64 - all on `device`. Adding an avatar whose regions are larger than the
     bank's windows rebuilds the windows (done at startup; not on the frame path).
+    `add(..., build=False)` only indexes the avatar: a CPU frame engine that composes on the host
+    never calls compose(), and the tensors cost ~0.85 MB per cached frame (a 512x512 frame's copy,
+    768 KB, plus the float32 weights and grids of its blend window: 62 MB for the bundled
+    avatar's 75 frames); compose() builds them the first time it is called.
     """
 
     def __init__(self, frame_shape: tuple[int, int], device: torch.device):
         self.frame_shape = tuple(frame_shape)
         self.device = torch.device(device)
         self._blenders: list[Blender] = []
-        self._frames: list[torch.Tensor] = []
+        self._sources: list[np.ndarray | None] = []  # each avatar's frames until built
+        self._count = 0
+        self._built = 0  # avatars whose frames and windows are in the tensors below
         self.size = (1, 1)
         self.frames = torch.empty((0, *self.frame_shape, 3), dtype=torch.uint8, device=self.device)
 
     def __len__(self) -> int:
-        return int(self.frames.shape[0])
+        return self._count
 
-    def add(self, frames: np.ndarray, blender: Blender) -> int:
+    @property
+    def built(self) -> bool:
+        """Whether the device tensors hold every avatar added (compose() needs nothing more)."""
+        return self._built == len(self._blenders)
+
+    def add(self, frames: np.ndarray, blender: Blender, *, build: bool = True) -> int:
         """Put an avatar's cached frames [n,H,W,3] uint8 BGR and its Blender in the bank;
-        returns the bank index of its frame 0."""
+        returns the bank index of its frame 0. build=False defers the device tensors to the
+        first compose() (class docstring). Raises ValueError if frames and blender disagree."""
         if tuple(frames.shape[1:3]) != self.frame_shape:
             raise ValueError(f"frames {frames.shape[1:3]} do not fit a bank of {self.frame_shape}")
         if len(frames) != len(blender):
             raise ValueError(f"{len(frames)} frames but {len(blender)} blend regions")
-        first = len(self)
+        first = self._count
         self._blenders.append(blender)
-        self._frames.append(torch.from_numpy(np.array(frames, np.uint8)).to(self.device))  # owns a copy
-        self.frames = torch.cat(self._frames)
-        size = _region_size(blender, self.frame_shape)
-        self.size = (max(self.size[0], size[0]), max(self.size[1], size[1]))
+        self._sources.append(frames)
+        self._count += len(frames)
+        if build:
+            self._build()
+        return first
+
+    def _build(self) -> None:
+        if self.built:
+            return
+        fresh = self._sources[self._built :]
+        owned = [torch.from_numpy(np.array(f, np.uint8)).to(self.device) for f in fresh]  # owns a copy
+        self.frames = torch.cat([self.frames, *owned])
+        for blender in self._blenders[self._built :]:
+            size = _region_size(blender, self.frame_shape)
+            self.size = (max(self.size[0], size[0]), max(self.size[1], size[1]))
         windows = [w for b in self._blenders for w in _windows(b, self.frame_shape, self.size)]
         as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
         self.weights = as_tensor(np.stack([w.weight for w in windows])[..., None])
@@ -130,13 +153,15 @@ class ComposeBank:
         self.lefts = torch.tensor([w.left for w in windows], dtype=torch.int64, device=self.device)
         self._rows = torch.arange(self.size[0], device=self.device)
         self._cols = torch.arange(self.size[1], device=self.device)
-        return first
+        self._sources[self._built :] = [None] * len(fresh)  # the device copy is the bank's now
+        self._built = len(self._blenders)
 
     def compose(self, levels: torch.Tensor, frame_ids: torch.Tensor) -> torch.Tensor:
         """Patches [N,3,256,256] BGR grey levels (float, see family_levels) blended into copies
         of bank frames `frame_ids` [N] int64 -> [N,H,W,3] uint8 BGR, on the bank's device."""
         if levels.ndim != 4 or tuple(levels.shape[1:]) != (3, PATCH_SIZE, PATCH_SIZE):
             raise ValueError(f"patches must be [N,3,{PATCH_SIZE},{PATCH_SIZE}], got {tuple(levels.shape)}")
+        self._build()  # no-op unless avatars were added with build=False
         n = levels.shape[0]
         ids = frame_ids.to(self.device)
         # cv2.resize of a uint8 patch gives uint8: round the resized patch the same way

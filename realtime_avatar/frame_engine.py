@@ -286,7 +286,9 @@ class FrameEngine:
             bank = self._banks.get(shape)
             if bank is None:
                 bank = self._banks[shape] = ComposeBank(shape, self.device)
-            first = bank.add(np.asarray(avatar.frames), avatar.blender)
+            # composed on the host: the bank only indexes the avatar (its windows are built if a
+            # device compose is ever asked for)
+            first = bank.add(np.asarray(avatar.frames), avatar.blender, build=not self.host_compose)
             latents = avatar.latents.to(self.device, torch.float32)
             slot = AvatarSlot(avatar, bank, first, latents)
             self.slots.append(slot)

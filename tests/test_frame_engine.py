@@ -124,7 +124,30 @@ def test_on_a_cpu_bgr_frames_are_the_numpy_blend_exactly(runtime, avatars, windo
         assert all(np.array_equal(g, w) for g, w in zip(frames, want))
         assert len({id(f.base if f.base is not None else f) for f in frames}) == len(frames)  # a buffer each
     assert engine.compose_calls == engine.model_calls == len(avatars)
+    # the device compose's frame copies and windows (~0.85 MB a cached frame) were never built
+    assert engine.slots and not any(s.bank.built for s in engine.slots) and not any(len(s.bank.frames) for s in engine.slots)
     assert not FrameEngine(runtime.model, "cpu", frame_format="yuv420p").host_compose
+
+
+def test_a_bank_built_on_first_compose_composes_as_one_built_at_add(runtime, avatars, windows):
+    """ComposeBank.add(build=False) (the host-compose engine's) defers the device tensors; a later
+    compose() builds them for every avatar added and gives the same frames as an eager bank."""
+    shape = avatars[0].frame_shape[:2]
+    same = [a for a in avatars if a.frame_shape[:2] == shape]
+    eager, lazy = ComposeBank(shape, torch.device("cpu")), ComposeBank(shape, torch.device("cpu"))
+    firsts = [(eager.add(np.asarray(a.frames), a.blender), lazy.add(np.asarray(a.frames), a.blender, build=False))
+              for a in same]
+    assert eager.built and not lazy.built and len(lazy) == len(eager) and len(lazy.frames) == 0
+    assert [f for f, _ in firsts] == [f for _, f in firsts]
+    model = runtime.model
+    with torch.inference_mode():
+        for avatar, (first, _) in zip(same, firsts):
+            positions = list(range(min(4, avatar.cycle_length)))
+            latents, audio = avatar.latents_at(positions), torch.from_numpy(windows[: len(positions)])
+            levels = family_levels(model.model_id, model.net(latents, audio))
+            ids = torch.tensor([first + avatar.cycle_index(p) for p in positions])
+            assert torch.equal(lazy.compose(levels, ids), eager.compose(levels, ids))
+    assert lazy.built and torch.equal(lazy.frames, eager.frames) and torch.equal(lazy.weights, eager.weights)
 
 
 def test_an_avatar_whose_mask_reads_undrawn_rows_is_refused(runtime):
