@@ -11,7 +11,9 @@ is timed (median, p90, p99, max in ms):
                   model.net.decoder), per batch size and torch precision; the decoder also on the
                   latent rows the render graph decodes (patch rows 96-255: what the blend reads)
     render graph  model.render (UNet + decoder + uint8 patches) per backend: torch fp32, torch
-                  bf16 autocast, ONNX Runtime (realtime_avatar.engines) when it loads here
+                  bf16 autocast, ONNX Runtime (realtime_avatar.engines) when it loads here; a CPU
+                  engine split across one-thread sessions (engine_runners.cpu_shards) is also
+                  run on one whole-core session (`onnx-1session`), for the ratio
     blend         one 256x256 patch pasted into its avatar frame (Avatar.compose_into)
     renderer      AvatarRenderer.render: everything a session calls per batch, blend included
     video encode  one avatar frame through aiortc's own VP8 and H.264 encoders (what is sent)
@@ -177,6 +179,15 @@ def backends_for(model, threads: int, quick: bool) -> tuple[dict, dict]:
         out["onnx"] = select_or_build(model, "onnx", threads=threads)
     except (EngineError, ImportError, OSError) as exc:
         skipped["onnx"] = str(exc)
+        return out, skipped
+    onnx = out["onnx"]
+    if getattr(onnx.runner, "shards", 1) > 1:  # the same engine on one session, for the ratio
+        from realtime_avatar.engines import BackendModel
+        from realtime_avatar.engine_runners import OnnxRuntimeRunner
+
+        whole = OnnxRuntimeRunner(onnx.runner.path, threads=threads, shards=1)
+        out["onnx-1session"] = BackendModel(model, "onnx", whole, engine_dir=onnx.engine_dir,
+                                            manifest=onnx.manifest, gate=onnx.gate)
     return out, skipped
 
 
@@ -186,7 +197,7 @@ def bench_render_graph(models: dict, batch: int, windows: np.ndarray, latents: t
         lat, audio = _inputs(batch, windows, latents)
         with torch.inference_mode():
             times = common.time_calls(lambda: model.render(lat, audio), repeats)
-        drawn = f", rows {model.rows_from}-255" if getattr(model, "rows_from", 0) and name == "onnx" else ""
+        drawn = f", rows {model.rows_from}-255" if getattr(model, "rows_from", 0) and name.startswith("onnx") else ""
         rows.append(_row("render graph (unet+decoder+uint8)", f"{name}, batch {batch}{drawn}", times, batch))
     return rows
 

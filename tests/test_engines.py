@@ -45,6 +45,7 @@ from realtime_avatar.engines import (
     select_backend,
     tensorrt_unavailable_reason,
 )
+from realtime_avatar.engine_runners import MAX_CPU_SHARDS, batch_parts, cpu_shards
 from realtime_avatar.models.base import BLEND_ROWS_FROM, RendererModel
 from realtime_avatar.models.compact import CompactConfig, CompactModel, CompactNet
 
@@ -203,6 +204,40 @@ def test_onnx_matches_torch_compact_at_batch_1_and_4(compact, compact_onnx):
     assert compact_onnx.runner.active_providers == ["CPUExecutionProvider"]
     for batch, seed in ((1, 11), (4, 12)):  # one engine, dynamic batch
         assert_matches_torch(compact, compact_onnx, batch, seed)
+
+
+def test_batch_parts_split_a_batch_into_contiguous_near_equal_parts():
+    assert batch_parts(8, 2) == [(0, 4), (4, 8)]
+    assert batch_parts(7, 2) == [(0, 4), (4, 7)]
+    assert batch_parts(10, 4) == [(0, 3), (3, 6), (6, 8), (8, 10)]
+    assert batch_parts(1, 2) == [(0, 1)]  # fewer frames than shards: the whole-core session
+    assert batch_parts(8, 1) == [(0, 8)] and batch_parts(0, 2) == [(0, 0)]
+    with pytest.raises(ValueError, match="shards >= 1"):
+        batch_parts(4, 0)
+    assert [cpu_shards(t) for t in (1, 2, 3, 16)] == [1, 2, 3, MAX_CPU_SHARDS]
+
+
+def test_a_sharded_cpu_runner_gives_the_whole_batch_runners_numbers(compact, compact_onnx, engines_root):
+    path = engine_folder(engines_root, compact) / ONNX_FILE
+    whole = OnnxRuntimeRunner(path, threads=2, shards=1)
+    sharded = OnnxRuntimeRunner(path, threads=3)  # 3 one-thread sessions: uneven parts too
+    assert (whole.shards, sharded.shards) == (1, 3) and "3 shards x 1 thread" in sharded.description
+    try:
+        for batch, seed in ((1, 21), (2, 22), (7, 23)):
+            latents, audio = (t.numpy() for t in example_inputs(compact, batch, seed=seed))
+            expected, got = whole(latents, audio), sharded(latents, audio)
+            assert got.shape == expected.shape and len(got) == batch
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+            assert np.abs(expected).max() > 0.1  # real images, not zeros
+        # frames are computed each on its own: swapping the batch's halves swaps the output's
+        latents, audio = (t.numpy() for t in example_inputs(compact, 6, seed=24))
+        order = [3, 4, 5, 0, 1, 2]
+        np.testing.assert_allclose(sharded(latents[order], audio[order]), sharded(latents, audio)[order],
+                                   rtol=0, atol=1e-5)
+    finally:
+        sharded.close()
+        sharded.close()  # idempotent
+    assert sharded._pool is None
 
 
 def test_backend_model_keeps_the_wrapped_models_identity(compact, compact_onnx):
