@@ -92,10 +92,11 @@ def cpu_shards(threads: int) -> int:
     """How many one-batch-part sessions a CPU runner with `threads` cores uses: one per core up to
     MAX_CPU_SHARDS (1: no sharding). Why shard at all: the compact render graph's convolutions are
     small (16-96 channels on 32x32 or less), and splitting each one across cores (ORT's intra-op
-    threads) gains little; running half the batch on each core does better. Measured on the model
-    (bench_stages, ONNX Runtime, batch 8, 2-core AMD EPYC avx2, session 14): 5.12 -> 4.23 ms a
-    frame (1.21x), identical output; 2 frames 6.46 -> 4.64, but 1 frame 7.45 -> 8.39 (one core
-    instead of two), so a batch smaller than the shard count runs on the whole-core session."""
+    threads) gains little; running half the batch on each core does better. Measured on v2.2's
+    engine (engines/README.md, "CPU settings"; 2-core AMD EPYC avx2, session 14): batch 8
+    5.70 -> 4.69 ms a frame (1.22x), identical output; batch 2 6.46 -> 4.64, but batch 1
+    7.45 -> 8.39 (one core instead of two), so a batch smaller than the shard count runs on the
+    whole-core session."""
     return max(1, min(int(threads), MAX_CPU_SHARDS))
 
 
@@ -121,7 +122,8 @@ class OnnxRuntimeRunner:
     per shard of a batch (cpu_shards): a batch of at least `shards` frames is split into
     contiguous parts (batch_parts), each run by a one-thread session, in parallel (ORT releases
     the GIL); the parts' outputs are the same numbers the whole batch gives (each frame is
-    computed on its own either way; measured identical). `shards=1` turns this off; GPU providers never shard.
+    computed on its own either way; measured identical). `shards=1` turns this off; GPU
+    providers never shard.
 
     Thread-safe (ORT sessions are); the shard pool (shards - 1 threads, the caller's thread runs
     the first part) is made on first use and shut down by close().
