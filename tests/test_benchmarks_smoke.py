@@ -150,6 +150,37 @@ def test_markdown_table_lists_every_row_and_column():
     assert "| 3 | – |" in lines[3]
 
 
+def test_bench_tuning_report_tables_and_plots_earlier_results_without_measuring(tmp_path, capsys):
+    import bench_tuning
+
+    def stage(r: float, gap: float, closed: float, steps: int | None = None) -> dict:
+        return {"pearson_r": r, "gap_ratio": gap, "silence_closed": closed} | ({"steps": steps} if steps else {})
+
+    rows = [  # measured in parts, so not in face order; three faces give an exact median
+        {"face": "women/51", "stages": {"0": stage(0.90, 1.0, 1.0), "5": stage(0.93, 1.1, 1.0, 900),
+                                        "15": stage(0.95, 1.2, 1.0, 2000)}},
+        {"face": "men/98", "stages": {"0": stage(0.88, 1.2, 1.0), "5": stage(0.85, 0.9, 0.9, 975),
+                                      "15": stage(0.83, 0.95, 0.98, 2686)}},
+        {"face": "men/90", "stages": {"0": stage(0.87, 0.7, 1.0), "5": stage(0.92, 1.09, 1.0, 1044),
+                                      "15": stage(0.89, 1.08, 1.0, 2792)}},
+    ]
+    results = tmp_path / "tuning.json"
+    results.write_text(json.dumps({"faces": rows}))
+    markdown = tmp_path / "tuning.md"
+    assert bench_tuning.main(["--report", "--json", str(results), "--markdown", str(markdown),
+                              "--plots", str(tmp_path)]) == 0
+    lines = markdown.read_text().strip().splitlines()
+    assert lines[0].startswith("| face | r |") and "5 min / 15 min" in lines[0]
+    assert [line.split(" | ")[0] for line in lines[2:5]] == ["| men/90", "| men/98", "| women/51"]
+    assert lines[3] == "| men/98 | 0.880 / 0.850 / 0.830 | 1.20 / 0.90 / 0.95 | 1.00 / 0.90 / 0.98 | 975 / 2686 |"
+    assert lines[5].startswith("| **median of these 3** | **0.880 / 0.920 / 0.890** | 1.00 / 1.09 / 1.08 |")
+    assert "median r: 0 min 0.880, 5 min 0.920, 15 min 0.890" in capsys.readouterr().out
+    png = tmp_path / "tuning.png"
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size < MAX_PNG_BYTES
+    with pytest.raises(SystemExit):  # nothing to report: says so instead of measuring for hours
+        bench_tuning.main(["--report", "--json", str(tmp_path / "missing.json")])
+
+
 def test_machine_info_names_the_machine():
     info = common.machine_info()
     assert info["cores"] >= 1 and info["cpu"]
