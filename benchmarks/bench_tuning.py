@@ -136,23 +136,21 @@ def markdown_table(rows: list[dict], stages: list[float]) -> str:
     then the medians over faces: r, speech lip gap relative to the teacher's, silent frames closed,
     tuning steps taken by the end of each tuned stage (cumulative; the machine sets how many)."""
     keys = stage_keys(stages)
+    fields = {"r": ("pearson_r", ".3f"), "speech lip gap / teacher's": ("gap_ratio", ".2f"),
+              "silent closed": ("silence_closed", ".2f")}
+    steps = "tuning steps (" + " / ".join(f"{k} min" for k in keys[1:]) + ")"
 
-    def cells(row: dict, field: str, fmt: str) -> str:
-        return " / ".join(format(row["stages"][k][field], fmt) for k in keys)
-
-    lines = ["| face | r | speech lip gap / teacher's | silent closed | tuning steps (" +
-             " / ".join(f"{k} min" for k in keys[1:]) + ") |", "|---|---|---|---|---|"]
+    table = []
     for row in rows:
-        steps = " / ".join(str(row["stages"][k].get("steps", "")) for k in keys[1:])
-        lines.append(f"| {row['face']} | {cells(row, 'pearson_r', '.3f')} | {cells(row, 'gap_ratio', '.2f')} | "
-                     f"{cells(row, 'silence_closed', '.2f')} | {steps} |")
-
-    def median(field: str, fmt: str) -> str:
-        return " / ".join(format(float(np.median([r["stages"][k][field] for r in rows])), fmt) for k in keys)
-
-    lines.append(f"| **median of these {len(rows)}** | **{median('pearson_r', '.3f')}** | "
-                 f"{median('gap_ratio', '.2f')} | {median('silence_closed', '.2f')} | |")
-    return "\n".join(lines) + "\n"
+        line = {"face": row["face"], steps: " / ".join(str(row["stages"][k].get("steps", "")) for k in keys[1:])}
+        for name, (field, fmt) in fields.items():
+            line[name] = " / ".join(format(row["stages"][k][field], fmt) for k in keys)
+        table.append(line)
+    medians = {"face": f"**median of these {len(rows)}**", steps: ""}
+    for name, (field, fmt) in fields.items():
+        medians[name] = " / ".join(format(v, fmt) for v in stage_medians(rows, stages, field).values())
+    medians["r"] = f"**{medians['r']}**"
+    return common.markdown_table(table + [medians], ["face", *fields, steps])
 
 
 def plot(rows: list[dict], stages: list[float], plots: Path | None) -> list[str]:
@@ -176,9 +174,13 @@ def plot(rows: list[dict], stages: list[float], plots: Path | None) -> list[str]
     return [p for p in [common.save_figure(fig, plots, "tuning")] if p]
 
 
+def stage_medians(rows: list[dict], stages: list[float], field: str) -> dict[str, float]:
+    """The median over faces of one score (`field` of export.evaluate's FaceScore) at each stage."""
+    return {k: float(np.median([r["stages"][k][field] for r in rows])) for k in stage_keys(stages)}
+
+
 def median_r(rows: list[dict], stages: list[float]) -> dict[str, float]:
-    keys = stage_keys(stages)
-    return {k: float(np.median([r["stages"][k]["pearson_r"] for r in rows])) for k in keys}
+    return stage_medians(rows, stages, "pearson_r")
 
 
 def write_json(path: Path, rows: list[dict], stages: list[float]) -> None:
